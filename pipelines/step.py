@@ -1,0 +1,211 @@
+"""A pipeline step as a set of shards: one input shard -> one output shard + a stats record.
+
+Durability without Ray Workflows (removed after Ray 2.47): a step's state lives on disk.
+- A shard is finished when its stats record `_done/<shard_id>.json` exists; the record is written last
+  and atomically, after the shard's outputs, so a killed shard leaves no record and is redone whole.
+- The step is finished when `manifest.json` exists with the step's key: the hash of its config and
+  its inputs' keys. It is written last, atomically. A different config or input gives a different key:
+  a step directory that holds another key is refused rather than mixed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import pathlib
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+MANIFEST = "manifest.json"
+DONE_DIR = "_done"
+
+
+def canonical_json(obj: Any) -> str:
+    """Stable JSON for hashing: dataclasses become dicts, keys sorted, no whitespace."""
+
+    def default(o: Any) -> Any:
+        if dataclasses.is_dataclass(o):
+            return dataclasses.asdict(o)
+        if isinstance(o, pathlib.PurePath):
+            return str(o)
+        raise TypeError(f"cannot hash a {type(o).__name__} in a step config")
+
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=default)
+
+
+def step_key(name: str, config: Any, input_keys: Sequence[str]) -> str:
+    """Hash of the step's name, config and its inputs' keys: what makes an output reusable."""
+    payload = canonical_json({"step": name, "config": config, "inputs": list(input_keys)})
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write to a temp file in the same directory, fsync, then rename over the target."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        pathlib.Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+
+def atomic_write_parquet(path: str | os.PathLike, table: Any, **write_options: Any) -> None:
+    """Write a pyarrow Table atomically (temp file + rename), so a reader never sees half a shard."""
+    import pyarrow.parquet as pq
+
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        pq.write_table(table, tmp, **write_options)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+class StepKeyMismatch(RuntimeError):
+    """The output directory holds a step run with another config or other inputs."""
+
+
+@dataclasses.dataclass(frozen=True)
+class StepDir:
+    """The output directory of one step run, keyed by `step_key`."""
+
+    root: pathlib.Path
+    name: str
+    key: str
+
+    @classmethod
+    def open(cls, root: str | os.PathLike, name: str, config: Any, input_keys: Sequence[str]) -> "StepDir":
+        """Open (creating) the step directory; refuse one that belongs to a different key."""
+        root = pathlib.Path(root)
+        step = cls(root=root, name=name, key=step_key(name, config, input_keys))
+        key_file = root / "_key.json"
+        if key_file.exists():
+            held = json.loads(key_file.read_text())
+            if held.get("key") != step.key:
+                raise StepKeyMismatch(
+                    f"{root} holds step {held.get('step')!r} with key {held.get('key')}, but this run's "
+                    f"config/inputs give key {step.key}. Use a new output directory, or delete {root} "
+                    "to recompute it."
+                )
+        else:
+            atomic_write_json(key_file, {"step": name, "key": step.key, "config": json.loads(canonical_json(config))})
+        return step
+
+    # -- shards ---------------------------------------------------------------------------------
+    def done_path(self, shard_id: str) -> pathlib.Path:
+        return self.root / DONE_DIR / f"{shard_id}.json"
+
+    def is_done(self, shard_id: str) -> bool:
+        return self.done_path(shard_id).exists()
+
+    def mark_done(self, shard_id: str, stats: dict[str, Any]) -> None:
+        atomic_write_json(self.done_path(shard_id), {"shard_id": shard_id, **stats})
+
+    def shard_stats(self, shard_id: str) -> dict[str, Any]:
+        return json.loads(self.done_path(shard_id).read_text())
+
+    def pending(self, shard_ids: Iterable[str]) -> list[str]:
+        return [s for s in shard_ids if not self.is_done(s)]
+
+    # -- the step as a whole --------------------------------------------------------------------
+    @property
+    def manifest_path(self) -> pathlib.Path:
+        return self.root / MANIFEST
+
+    def manifest(self) -> dict[str, Any] | None:
+        """The finished step's manifest, or None when the step has not finished with this key."""
+        if not self.manifest_path.exists():
+            return None
+        manifest = json.loads(self.manifest_path.read_text())
+        return manifest if manifest.get("key") == self.key else None
+
+    def finish(self, shard_ids: Sequence[str], **summary: Any) -> dict[str, Any]:
+        """Write the manifest last: the step's outputs are complete and reusable."""
+        manifest = {
+            "step": self.name,
+            "key": self.key,
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "shards": [self.shard_stats(s) for s in shard_ids],
+            **summary,
+        }
+        atomic_write_json(self.manifest_path, manifest)
+        return manifest
+
+
+class ShardFailed(RuntimeError):
+    """A shard failed on every allowed attempt."""
+
+
+def run_shards(
+    remote_fn: Any,
+    shard_args: dict[str, tuple],
+    *,
+    max_in_flight: int,
+    max_attempts: int = 3,
+    timeout_s: float | None = None,
+    on_done: Callable[[str, Any], None] | None = None,
+) -> dict[str, Any]:
+    """Run one Ray task per shard with retries and a per-attempt timeout; never hangs on a straggler.
+
+    `remote_fn` is a `ray.remote` function; `shard_args[shard_id]` its arguments. A task that raises
+    or outlives `timeout_s` is cancelled and resubmitted, up to `max_attempts` in all. Ray's own
+    `max_retries` covers a dead worker process; this loop covers exceptions and hangs, which
+    img2dataset's Ray distributor does not retry.
+    """
+    import ray
+
+    queue = list(shard_args)
+    attempts = {s: 0 for s in queue}
+    running: dict[Any, tuple[str, float]] = {}
+    results: dict[str, Any] = {}
+    errors: dict[str, str] = {}
+    while queue or running:
+        while queue and len(running) < max_in_flight:
+            shard = queue.pop(0)
+            attempts[shard] += 1
+            running[remote_fn.remote(*shard_args[shard])] = (shard, time.monotonic())
+        ready, _ = ray.wait(list(running), num_returns=1, timeout=1.0)
+        for ref in ready:
+            shard, _ = running.pop(ref)
+            try:
+                results[shard] = ray.get(ref)
+            except Exception as exc:  # noqa: BLE001 - any task error is retried, then reported
+                errors[shard] = f"{type(exc).__name__}: {exc}"
+                if attempts[shard] < max_attempts:
+                    queue.append(shard)
+                continue
+            if on_done is not None:
+                on_done(shard, results[shard])
+        if timeout_s is not None:
+            now = time.monotonic()
+            for ref, (shard, started) in list(running.items()):
+                if now - started > timeout_s:
+                    ray.cancel(ref, force=True)
+                    running.pop(ref)
+                    errors[shard] = f"timed out after {timeout_s:.0f}s"
+                    if attempts[shard] < max_attempts:
+                        queue.append(shard)
+    failed = {s: e for s, e in errors.items() if s not in results}
+    if failed:
+        lines = "\n".join(f"  {s}: {e}" for s, e in sorted(failed.items()))
+        raise ShardFailed(
+            f"{len(failed)} shard(s) failed after {max_attempts} attempts (finished shards are kept; "
+            f"rerun to retry only these):\n{lines}"
+        )
+    return results
