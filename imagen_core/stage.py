@@ -1,0 +1,225 @@
+"""One cascade stage: a U-Net with its diffusion objective, its training loss and its sampler.
+
+Base and super-resolution stages are the same class; a super-resolution stage has `lowres_size` set
+and is conditioned on the noise-augmented low-resolution image (Imagen Sec 2.5).
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from imagen_core.diffusion.augmentation import noise_augment, sample_aug_levels
+from imagen_core.diffusion.guidance import apply_guidance, drop_condition_mask
+from imagen_core.diffusion.objective import Prediction, diffusion_loss, training_target, x0_from_output
+from imagen_core.diffusion.samplers import SamplerConfig, sample
+from imagen_core.diffusion.schedule import ScheduleConfig, alpha_sigma, logsnr_schedule
+from imagen_core.diffusion.thresholding import dynamic_threshold
+from imagen_core.text_encoder import TextEncoderConfig
+from imagen_core.unet import EfficientUNet, UNetConfig
+
+
+@dataclasses.dataclass(kw_only=True, frozen=True)
+class StageConfig:
+    """Everything needed to rebuild, train and sample one stage (stored in its checkpoint)."""
+
+    name: str
+    """Stage name in the cascade and the registry: "base", "sr1", "sr2"."""
+    unet: UNetConfig
+    """The denoising network."""
+    text_encoder: TextEncoderConfig
+    """The frozen text encoder whose per-token embeddings condition this stage."""
+    schedule: ScheduleConfig = ScheduleConfig()
+    """Noise schedule for training and sampling (paper: cosine for base and 256, linear for 1024)."""
+    prediction: Prediction = "eps"
+    """Network output parameterisation (paper: eps; v-prediction is the common alternative)."""
+    cond_drop_prob: float = 0.1
+    """Probability of dropping the text condition in training, for classifier-free guidance (paper: 10%)."""
+    lowres_size: int | None = None
+    """Resolution of the conditioning image for a super-resolution stage; None for the base stage."""
+    train_max_aug_level: float = 1.0
+    """Noise-conditioning augmentation: levels drawn uniformly per sample in [0, this] in training."""
+    sample_aug_level: float = 0.2
+    """Noise-conditioning augmentation level at sampling (paper: 0.1-0.3 looks best, 0 gives best FID)."""
+    sampler: SamplerConfig = SamplerConfig()
+    """Default sampler for this stage (DDIM, 50 steps)."""
+    guidance_scale: float = 7.5
+    """Default classifier-free guidance scale at sampling (1.0 = plain conditional)."""
+    threshold_percentile: float = 0.995
+    """Dynamic thresholding percentile (paper: 99.5%; imagen-pytorch's 0.95 is a known deviation)."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.cond_drop_prob < 1.0:
+            raise ValueError(f"cond_drop_prob must be in [0, 1), got {self.cond_drop_prob}")
+        if (self.lowres_size is not None) != self.unet.lowres_cond:
+            raise ValueError(
+                f"stage {self.name!r}: lowres_size={self.lowres_size} but unet.lowres_cond={self.unet.lowres_cond}; "
+                "a super-resolution stage needs both, a base stage neither"
+            )
+        if self.lowres_size is not None and self.lowres_size >= self.unet.image_size:
+            raise ValueError(f"stage {self.name!r}: lowres_size {self.lowres_size} must be below image_size {self.unet.image_size}")
+        if not 0.0 < self.threshold_percentile <= 1.0:
+            raise ValueError(f"threshold_percentile must be in (0, 1], got {self.threshold_percentile}")
+
+    @property
+    def image_size(self) -> int:
+        return self.unet.image_size
+
+    @property
+    def is_super_resolution(self) -> bool:
+        return self.lowres_size is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "StageConfig":
+        data = dict(data)
+        return cls(
+            **{
+                **data,
+                "unet": UNetConfig.from_dict(data["unet"]),
+                "text_encoder": TextEncoderConfig(**data["text_encoder"]),
+                "schedule": ScheduleConfig(**data["schedule"]),
+                "sampler": SamplerConfig(**data["sampler"]),
+            }
+        )
+
+
+def null_condition(text_embeds: torch.Tensor, text_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The "no text" condition: zeroed embeddings (paper Sec 2.3), one visible token so attention is defined."""
+    mask = torch.zeros_like(text_mask)
+    mask[:, 0] = True
+    return torch.zeros_like(text_embeds), mask
+
+
+def drop_condition(
+    text_embeds: torch.Tensor, text_mask: torch.Tensor, drop: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Replace the condition of the samples where `drop` is true by the null condition."""
+    null_embeds, null_mask = null_condition(text_embeds, text_mask)
+    keep = ~drop
+    embeds = torch.where(keep[:, None, None], text_embeds, null_embeds)
+    mask = torch.where(keep[:, None], text_mask, null_mask)
+    return embeds, mask
+
+
+def resize_lowres(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Downsample high-resolution training images to the stage's conditioning resolution."""
+    return F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+
+
+class DiffusionStage(nn.Module):
+    """A stage's U-Net plus its objective. `forward` is the training loss, so a data-parallel engine can wrap it."""
+
+    def __init__(self, config: StageConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.unet = EfficientUNet(config.unet)
+
+    def forward(
+        self,
+        images: torch.Tensor,
+        text_embeds: torch.Tensor,
+        text_mask: torch.Tensor,
+        lowres: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Per-sample training loss (B,), Imagen Sec 2.1: noise at a random time, predict eps (or v)."""
+        cfg = self.config
+        batch, device = images.shape[0], images.device
+        t = torch.rand(batch, device=device, generator=generator)
+        logsnr = logsnr_schedule(t, cfg.schedule)
+        alpha, sigma = alpha_sigma(logsnr)
+        eps = torch.randn(images.shape, device=device, generator=generator, dtype=images.dtype)
+        x_t = alpha.view(-1, 1, 1, 1) * images + sigma.view(-1, 1, 1, 1) * eps
+        drop = drop_condition_mask(batch, cfg.cond_drop_prob, generator=generator, device=device)
+        text_embeds, text_mask = drop_condition(text_embeds, text_mask, drop)
+        lowres_noised, lowres_logsnr = self._augment_lowres(images, lowres, generator)
+        output = self.unet(x_t, logsnr, text_embeds, text_mask, lowres=lowres_noised, lowres_logsnr=lowres_logsnr)
+        return diffusion_loss(output, training_target(images, eps, alpha, sigma, cfg.prediction))
+
+    def _augment_lowres(
+        self, images: torch.Tensor, lowres: torch.Tensor | None, generator: torch.Generator | None
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Noise-conditioning augmentation with a random level per sample (not one level per batch)."""
+        if not self.config.is_super_resolution:
+            return None, None
+        if lowres is None:
+            lowres = resize_lowres(images, self.config.lowres_size)
+        levels = sample_aug_levels(
+            images.shape[0], generator=generator, max_level=self.config.train_max_aug_level, device=images.device
+        )
+        return noise_augment(lowres, levels, self.config.schedule, generator=generator)
+
+    def x0_fn(
+        self,
+        text_embeds: torch.Tensor,
+        text_mask: torch.Tensor,
+        guidance_scale: float,
+        lowres: torch.Tensor | None = None,
+        lowres_logsnr: torch.Tensor | None = None,
+    ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """The x0-predictor a sampler drives: network, classifier-free guidance, dynamic thresholding."""
+        cfg = self.config
+        null_embeds, null_mask = null_condition(text_embeds, text_mask)
+        guided = guidance_scale != 1.0
+        embeds = torch.cat([text_embeds, null_embeds]) if guided else text_embeds
+        mask = torch.cat([text_mask, null_mask]) if guided else text_mask
+        if lowres is not None and guided:
+            lowres, lowres_logsnr = torch.cat([lowres, lowres]), torch.cat([lowres_logsnr, lowres_logsnr])
+
+        def predict_x0(x_t: torch.Tensor, logsnr: torch.Tensor) -> torch.Tensor:
+            alpha, sigma = alpha_sigma(logsnr)
+            if guided:
+                out = self.unet(torch.cat([x_t, x_t]), torch.cat([logsnr, logsnr]), embeds, mask, lowres, lowres_logsnr)
+                output = apply_guidance(*out.chunk(2), guidance_scale)
+            else:
+                output = self.unet(x_t, logsnr, embeds, mask, lowres, lowres_logsnr)
+            x0 = x0_from_output(output, x_t, alpha.view(-1, 1, 1, 1), sigma.view(-1, 1, 1, 1), cfg.prediction)
+            return dynamic_threshold(x0, cfg.threshold_percentile)
+
+        return predict_x0
+
+    @torch.no_grad()
+    def sample(
+        self,
+        text_embeds: torch.Tensor,
+        text_mask: torch.Tensor,
+        *,
+        lowres: torch.Tensor | None = None,
+        guidance_scale: float | None = None,
+        sampler: SamplerConfig | None = None,
+        aug_level: float | None = None,
+        generator: torch.Generator | None = None,
+        x_T: torch.Tensor | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> torch.Tensor:
+        """Images in [-1, 1] for a batch of text conditions (and low-resolution images for SR stages)."""
+        cfg = self.config
+        batch = text_embeds.shape[0]
+        lowres_noised = lowres_logsnr = None
+        if cfg.is_super_resolution:
+            if lowres is None:
+                raise ValueError(f"stage {cfg.name!r} is super-resolution: give `lowres` images of size {cfg.lowres_size}")
+            if lowres.shape[-1] != cfg.lowres_size:
+                lowres = resize_lowres(lowres, cfg.lowres_size)
+            level = cfg.sample_aug_level if aug_level is None else aug_level
+            levels = torch.full((batch,), level, device=lowres.device)
+            lowres_noised, lowres_logsnr = noise_augment(lowres, levels, cfg.schedule, generator=generator)
+        x0_fn = self.x0_fn(
+            text_embeds,
+            text_mask,
+            cfg.guidance_scale if guidance_scale is None else guidance_scale,
+            lowres_noised,
+            lowres_logsnr,
+        )
+        shape = (batch, cfg.unet.out_channels, cfg.image_size, cfg.image_size)
+        device = text_embeds.device
+        return sample(
+            x0_fn, shape, cfg.schedule, sampler or cfg.sampler, generator, x_T=x_T, progress=progress, device=device
+        )
