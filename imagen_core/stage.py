@@ -78,16 +78,9 @@ class StageConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "StageConfig":
-        data = dict(data)
-        return cls(
-            **{
-                **data,
-                "unet": UNetConfig.from_dict(data["unet"]),
-                "text_encoder": TextEncoderConfig(**data["text_encoder"]),
-                "schedule": ScheduleConfig(**data["schedule"]),
-                "sampler": SamplerConfig(**data["sampler"]),
-            }
-        )
+        from imagen_core.config_io import build
+
+        return build(cls, data)
 
 
 def null_condition(text_embeds: torch.Tensor, text_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
