@@ -87,7 +87,9 @@ def repaint(
     if image.dim() != 4:
         raise ValueError(f"image must be (B, C, H, W) in [-1, 1], got shape {tuple(image.shape)}")
     if keep.dim() != 4 or keep.shape[-2:] != image.shape[-2:]:
-        raise ValueError(f"keep must be (B, 1, H, W) matching the image's {tuple(image.shape[-2:])}, got {tuple(keep.shape)}")
+        raise ValueError(
+            f"keep must be (B, 1, H, W) matching the image's {tuple(image.shape[-2:])}, got {tuple(keep.shape)}"
+        )
     keep = keep.to(image.device, image.dtype).clamp(0.0, 1.0)
     grid = time_grid(config.steps, schedule_config)
 
@@ -114,7 +116,10 @@ def repaint(
         if progress is not None:
             progress(calls, total)
         # The last move returns the clean estimate, as the samplers do, with the original pasted back exactly.
-        x = keep * image + (1.0 - keep) * x0_hat if m == 0 else paste_known(stepper.step(x, x0_hat, level(n), level(m)), m)
+        if m == 0:
+            x = keep * image + (1.0 - keep) * x0_hat
+        else:
+            x = paste_known(stepper.step(x, x0_hat, level(n), level(m)), m)
     return x
 
 

@@ -1,0 +1,30 @@
+"""MLflow model registry for cascade stages: evaluate, register, promote, roll back, and sample from it.
+
+The CLI (jobs/cli.py) calls these functions; each option set is a typed config. Call `configure_tracking` first
+(it checks the URI in seconds, then sets it): the other functions use MLflow's configured tracking URI.
+
+Names are imported from their submodules on first use, so `check_tracking` runs without importing torch first.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "evaluate": ("EvalConfig", "EvalResult", "HeldOut", "compute_metrics", "evaluate_stage"),
+    "loading": ("LoadedCascade", "ModelRef", "load_cascade", "load_registered_stage"),
+    "metrics": ("KNOWN_METRICS", "MetricSpec"),
+    "promote": ("PromotionDecision", "RollbackRecord", "list_stages", "promote", "rollback"),
+    "register": ("CascadeSpec", "RegisterConfig", "register_cascade", "register_stage"),
+    "safety": ("SafetyChecker", "SafetyConfig", "SafetyFlag", "safety_check"),
+    "sampling": ("EditConfig", "SampleConfig", "SampleOutput", "edit", "sample_images", "upscale"),
+    "tracking": ("TrackingStatus", "TrackingUnavailable", "check_tracking", "configure_tracking"),
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_MODULE_OF[name]}"), name)

@@ -1,0 +1,76 @@
+"""A cascade stage from an imagen_core checkpoint directory (model.safetensors + config.json), verified by sha256."""
+from __future__ import annotations
+
+import os
+import pathlib
+import shutil
+
+import torch
+
+from imagen_core.checkpoint import (
+    CONFIG_FILE,
+    MODEL_FILE,
+    CheckpointError,
+    load_checkpoint,
+    read_manifest,
+    save_checkpoint,
+)
+from imagen_core.stage import DiffusionStage, StageConfig
+
+STAGE_FILES = (MODEL_FILE, CONFIG_FILE)
+"""What a registered stage carries: the sampling (EMA) weights and the manifest. train.safetensors stays behind."""
+
+
+def weights_sha256(directory: str | os.PathLike) -> str:
+    """sha256 of model.safetensors as its checkpoint manifest records it."""
+    record = read_manifest(directory)["files"].get(MODEL_FILE)
+    if record is None:
+        raise CheckpointError(f"{pathlib.Path(directory) / CONFIG_FILE} records no {MODEL_FILE}")
+    return record["sha256"]
+
+
+def load_stage(
+    directory: str | os.PathLike, *, device: torch.device | str = "cpu", expected_sha256: str | None = None
+) -> DiffusionStage:
+    """Rebuild a DiffusionStage from its checkpoint alone; CheckpointError when a file is missing or altered.
+
+    `expected_sha256` (the registry's record of the weights) must match the manifest's: that catches a manifest
+    rewritten together with the weights, which the manifest's own checksum cannot.
+    """
+    if expected_sha256 is not None and weights_sha256(directory) != expected_sha256:
+        raise CheckpointError(
+            f"{pathlib.Path(directory) / CONFIG_FILE} records weights sha256 {weights_sha256(directory)} but the "
+            f"registry registered {expected_sha256}: the checkpoint was replaced after registration"
+        )
+    state, config = load_checkpoint(directory, device=device)
+    try:
+        stage_config = StageConfig.from_dict(config)
+    except (KeyError, TypeError, ValueError) as error:
+        where = pathlib.Path(directory) / CONFIG_FILE
+        raise CheckpointError(f"{where} does not hold a StageConfig: {error}") from error
+    stage = DiffusionStage(stage_config).to(device)
+    # Trainers save either the whole stage ("unet." keys) or the U-Net alone.
+    target = stage if all(key.startswith("unet.") for key in state) else stage.unet
+    try:
+        target.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        raise CheckpointError(
+            f"{pathlib.Path(directory) / MODEL_FILE} does not fit the stage its config describes: {error}"
+        ) from error
+    return stage.eval()
+
+
+def save_stage(stage: DiffusionStage, directory: str | os.PathLike) -> pathlib.Path:
+    """Write a stage as the trainer exports one: model.safetensors (whole-stage state) + config.json."""
+    save_checkpoint(directory, stage.state_dict(), stage.config.to_dict())
+    return pathlib.Path(directory)
+
+
+def copy_stage_files(source: str | os.PathLike, destination: str | os.PathLike) -> pathlib.Path:
+    """Copy only the files a registered stage needs, after verifying them."""
+    load_checkpoint(source)  # verify before anything is copied into the registry
+    destination = pathlib.Path(destination)
+    destination.mkdir(parents=True, exist_ok=True)
+    for name in STAGE_FILES:
+        shutil.copy2(pathlib.Path(source) / name, destination / name)
+    return destination

@@ -1,0 +1,231 @@
+"""Register a trained stage (`<name>-<stage>`) and a cascade (`<name>`) in the MLflow model registry.
+
+A stage version carries its checkpoint (model.safetensors + config.json, sha256-recorded) as a pyfunc artifact,
+a code-logged pyfunc wrapper (no pickle), explicit pip requirements (MLflow would otherwise spend seconds
+inferring them) and a signature. Tags record where it came from: dataset manifest hash, config hash, git commit,
+training run, weights sha256 and the metrics known at registration. The new version gets the alias `challenger`;
+`promote` decides whether it becomes `champion`.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import importlib.metadata
+import json
+import pathlib
+import subprocess
+import tempfile
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import mlflow
+
+from imagen_core.checkpoint import read_manifest
+from imagen_core.stage import StageConfig
+from pipelines.registry.checkpoints import copy_stage_files, weights_sha256
+from pipelines.registry.loading import (
+    CHECKPOINT_ARTIFACT,
+    KIND_TAG,
+    WEIGHTS_SHA_TAG,
+    ModelRef,
+    resolve,
+    stage_model_name,
+)
+from pipelines.registry.metrics import METRIC_TAG_PREFIX
+from pipelines.registry.pyfunc_model import CASCADE_MODEL_CODE, STAGE_MODEL_CODE, prompt_signature
+from pipelines.registry.promote import CHAMPION, CHALLENGER, PREVIOUS_CHAMPION_TAG
+from pipelines.step import canonical_json
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+@dataclasses.dataclass(kw_only=True, frozen=True)
+class RegisterConfig:
+    """Where and with what provenance a stage or cascade is registered."""
+
+    experiment: str = "imagen-registry"
+    """Experiment of the registration run when no training run is given (created if missing)."""
+    artifact_location: str | None = None
+    """Artifact root of that experiment if it has to be created (None: the tracking server's default)."""
+    training_run_id: str | None = None
+    """The stage's training run: the model is logged into it, its `val_loss` becomes the version's metric."""
+    dataset_manifest: str | None = None
+    """The training data's step manifest (manifest.json); its sha256 is recorded."""
+    git_commit: str | None = None
+    """Commit of the code that trained the stage; None: this checkout's HEAD (with "-dirty" if modified)."""
+    metrics: tuple[tuple[str, float], ...] = ()
+    """Extra (name, value) metrics to record as `metric.<name>` tags."""
+    device: str = "cpu"
+    """Device the pyfunc model loads onto (mlflow.pyfunc.load_model(..., model_config={"device": ...}) overrides)."""
+
+    def __post_init__(self) -> None:
+        if self.dataset_manifest is not None and not pathlib.Path(self.dataset_manifest).is_file():
+            raise ValueError(f"RegisterConfig.dataset_manifest: no file at {self.dataset_manifest}")
+
+
+def pip_requirements() -> list[str]:
+    """What the pyfunc models import, pinned to what is installed here (given explicitly: no inference)."""
+    pinned = ("mlflow", "transformers", "open-clip-torch", "safetensors", "sentencepiece", "imagen-cluster")
+    floor = ("torch", "torchvision", "numpy", "pandas", "pillow")
+    version = importlib.metadata.version
+    return [f"{p}=={version(p)}" for p in pinned] + [f"{p}>={version(p).split('+')[0]}" for p in floor]
+
+
+def current_git_commit() -> str:
+    """HEAD of this checkout, "-dirty" when tracked files changed; says so plainly when there is none."""
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+        )
+        if head.returncode != 0:
+            why = head.stderr.strip().splitlines()[-1] if head.stderr.strip() else "git rev-parse failed"
+            return f"unknown ({why})"
+        status = subprocess.run(
+            ["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True, text=True, timeout=10,
+        )
+    except (OSError, subprocess.TimeoutExpired) as error:
+        return f"unknown (git unavailable: {error})"
+    return head.stdout.strip() + ("-dirty" if status.stdout.strip() else "")
+
+
+def file_sha256(path: str | pathlib.Path) -> str:
+    return hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    """sha256 of the stage config as canonical JSON (sorted keys): equal configs, equal hashes."""
+    return hashlib.sha256(canonical_json(json.loads(json.dumps(config))).encode()).hexdigest()
+
+
+@contextlib.contextmanager
+def _quiet_log_model() -> Iterator[None]:
+    """log_model warns when no input_example is given; the signature is explicit here, and an example would make
+    MLflow load the model and sample at registration just to validate it."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*input example was not provided.*")
+        yield
+
+
+def _experiment_id(config: RegisterConfig) -> str:
+    experiment = mlflow.get_experiment_by_name(config.experiment)
+    if experiment is not None:
+        return experiment.experiment_id
+    return mlflow.create_experiment(config.experiment, artifact_location=config.artifact_location)
+
+
+def _start_run(config: RegisterConfig, run_name: str) -> mlflow.ActiveRun:
+    if config.training_run_id:
+        return mlflow.start_run(run_id=config.training_run_id)
+    return mlflow.start_run(experiment_id=_experiment_id(config), run_name=run_name)
+
+
+def _training_metrics(config: RegisterConfig) -> dict[str, float]:
+    """The training run's latest val_loss, if it logged one."""
+    if not config.training_run_id:
+        return {}
+    metrics = mlflow.MlflowClient().get_run(config.training_run_id).data.metrics
+    return {"val_loss": metrics["val_loss"]} if "val_loss" in metrics else {}
+
+
+def _provenance_tags(
+    checkpoint_dir: pathlib.Path, stage_config: dict[str, Any], config: RegisterConfig
+) -> dict[str, str]:
+    metrics = {**_training_metrics(config), **dict(config.metrics)}
+    return {
+        "stage": stage_config["name"],
+        WEIGHTS_SHA_TAG: weights_sha256(checkpoint_dir),
+        "config_hash": config_hash(stage_config),
+        "dataset_manifest_hash": file_sha256(config.dataset_manifest) if config.dataset_manifest else "none given",
+        "git_commit": config.git_commit or current_git_commit(),
+        "training_run_id": config.training_run_id or "none given",
+        **{METRIC_TAG_PREFIX + k: repr(float(v)) for k, v in metrics.items()},
+    }
+
+
+def register_stage(checkpoint_dir: str | pathlib.Path, name: str, config: RegisterConfig = RegisterConfig()) -> str:
+    """Log and register a stage checkpoint as `<name>-<stage>`; returns the new version, aliased `challenger`."""
+    checkpoint_dir = pathlib.Path(checkpoint_dir)
+    stage_config = read_manifest(checkpoint_dir)["config"]
+    stage = StageConfig.from_dict(stage_config)  # refuse a checkpoint that is not a stage before logging anything
+    model_name = stage_model_name(name, stage.name)
+    tags = _provenance_tags(checkpoint_dir, stage_config, config)
+    with tempfile.TemporaryDirectory(prefix="register_") as tmp:
+        staged = copy_stage_files(checkpoint_dir, pathlib.Path(tmp) / CHECKPOINT_ARTIFACT)
+        with _start_run(config, f"register-{model_name}"), _quiet_log_model():
+            info = mlflow.pyfunc.log_model(
+                name=stage.name,
+                python_model=str(STAGE_MODEL_CODE),
+                artifacts={CHECKPOINT_ARTIFACT: str(staged)},
+                model_config={WEIGHTS_SHA_TAG: tags[WEIGHTS_SHA_TAG], "device": config.device},
+                pip_requirements=pip_requirements(),
+                signature=prompt_signature(lowres_input=stage.is_super_resolution),
+                registered_model_name=model_name,
+            )
+    version = str(info.registered_model_version)
+    client = mlflow.MlflowClient()
+    client.set_registered_model_tag(model_name, KIND_TAG, "stage")
+    for key, value in tags.items():
+        client.set_model_version_tag(model_name, version, key, value)
+    client.set_registered_model_alias(model_name, CHALLENGER, version)
+    return version
+
+
+@dataclasses.dataclass(kw_only=True, frozen=True)
+class CascadeSpec:
+    """Which stage models a cascade chains and by which alias, plus its sampling defaults."""
+
+    stages: tuple[str, ...] = ("base", "sr1")
+    """Stage names, base first; each is the registered model `<name>-<stage>`."""
+    alias: str = CHAMPION
+    """Alias every stage is resolved by when the cascade loads."""
+    guidance: float | None = None
+    """Default guidance for every stage (None: each stage's own)."""
+    steps: int | None = None
+    """Default steps per stage (None: each stage's own)."""
+    sampler: str | None = None
+    """Default sampler kind (None: each stage's own)."""
+
+    def __post_init__(self) -> None:
+        if not self.stages:
+            raise ValueError("CascadeSpec.stages needs at least the base stage")
+
+    def model_config(self, name: str, device: str) -> dict[str, Any]:
+        options = {"guidance": self.guidance, "steps": self.steps, "sampler": self.sampler}
+        defaults = {k: v for k, v in options.items() if v is not None}
+        stages = [{"model": stage_model_name(name, s), "alias": self.alias} for s in self.stages]
+        return {"stages": stages, "defaults": defaults, "device": device}
+
+
+def register_cascade(name: str, spec: CascadeSpec = CascadeSpec(), config: RegisterConfig = RegisterConfig()) -> str:
+    """Register the cascade `<name>` (stage names + aliases, no weights) and make the new version its champion.
+
+    Each stage must resolve by the alias now; the previous cascade champion is recorded for `rollback`.
+    """
+    client = mlflow.MlflowClient()
+    for entry in spec.model_config(name, config.device)["stages"]:
+        resolve(ModelRef(entry["model"], alias=entry["alias"]), client)  # fails clearly if a stage has no such alias
+    with _start_run(config, f"register-{name}"), _quiet_log_model():
+        info = mlflow.pyfunc.log_model(
+            name="cascade",
+            python_model=str(CASCADE_MODEL_CODE),
+            model_config=spec.model_config(name, config.device),
+            pip_requirements=pip_requirements(),
+            signature=prompt_signature(),
+            registered_model_name=name,
+        )
+    version = str(info.registered_model_version)
+    client.set_registered_model_tag(name, KIND_TAG, "cascade")
+    previous = client.get_registered_model(name).aliases.get(CHAMPION)
+    tags = {
+        "stages": ",".join(spec.stages),
+        "stage_alias": spec.alias,
+        "git_commit": config.git_commit or current_git_commit(),
+        PREVIOUS_CHAMPION_TAG: previous or "none",
+    }
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, value)
+    client.set_registered_model_alias(name, CHAMPION, version)
+    return version

@@ -1,0 +1,113 @@
+"""Evaluation maths against hand-computed cases: Frechet distance, the colour classifier, metric directions."""
+from __future__ import annotations
+
+import math
+import random
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+
+from pipelines.demo_corpus import COLOURS, random_scene, render
+from pipelines.registry.colour import colour_accuracy, dominant_colour, prompt_colours, shows_prompted_colours
+from pipelines.registry.fid import (
+    FidConfig,
+    InceptionUnavailable,
+    fid,
+    frechet_distance,
+    frechet_distance_from_features,
+    gaussian_stats,
+    load_inception,
+)
+from pipelines.registry.images import from_pil
+from pipelines.registry.metrics import MetricSpec, metric_spec
+
+
+def test_frechet_distance_hand_computed():
+    # |mu1 - mu2|^2 = 2; S1 S2 = diag(4, 4) so Tr sqrt = 4; Tr S1 + Tr S2 = 10: d^2 = 2 + 10 - 8 = 4.
+    assert frechet_distance(np.zeros(2), np.diag([1.0, 4.0]), np.ones(2), np.diag([4.0, 1.0])) == pytest.approx(4.0)
+    # 1-D: N(0, 1) vs N(3, 4): 9 + (1 - 2)^2 = 10.
+    one_d = frechet_distance(np.array([0.0]), np.array([[1.0]]), np.array([3.0]), np.array([[4.0]]))
+    assert one_d == pytest.approx(10.0)
+    s = np.array([[2.0, 0.5], [0.5, 1.0]])
+    assert frechet_distance(np.ones(2), s, np.ones(2), s) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_frechet_distance_matches_scipy_sqrtm_on_a_general_case():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(4, 4)), rng.normal(size=(4, 4))
+    s1, s2, mu1, mu2 = a @ a.T + np.eye(4), b @ b.T + 0.1 * np.eye(4), rng.normal(size=4), rng.normal(size=4)
+    reference = np.sum((mu1 - mu2) ** 2) + np.trace(s1 + s2 - 2 * scipy.linalg.sqrtm(s1 @ s2).real)
+    assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(reference, rel=1e-9)
+
+
+def test_feature_route_equals_covariance_route_with_few_samples():
+    rng = np.random.default_rng(1)
+    f1, f2 = rng.normal(size=(5, 8)), rng.normal(loc=0.5, size=(7, 8))  # N < D: rank-deficient covariances
+    expected = frechet_distance(*gaussian_stats(f1), *gaussian_stats(f2))
+    # the covariance route takes square roots of round-off eigenvalues (sqrt(1e-16) = 1e-8): agree to 1e-6
+    assert frechet_distance_from_features(f1, f2) == pytest.approx(expected, rel=1e-6)
+    assert frechet_distance_from_features(f1, f1) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_fid_without_weights_says_where_it_looked(tmp_path):
+    with pytest.raises(InceptionUnavailable, match=f"FID skipped: no Inception weights at {tmp_path / 'x.pth'}"):
+        load_inception(FidConfig(inception_weights=str(tmp_path / "x.pth")))
+
+
+@pytest.mark.slow
+def test_fid_runs_inception_from_a_local_safetensors_file(tmp_path):
+    """The real loading and feature path, with random-init Inception-v3 weights (no download possible here)."""
+    import safetensors.torch
+    from torchvision.models import inception_v3
+
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    weights = tmp_path / "inception.safetensors"
+    model = inception_v3(weights=None, aux_logits=True, transform_input=False, init_weights=True)
+    safetensors.torch.save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+    real, fake = torch.rand(3, 3, 16, 16) * 2 - 1, torch.rand(3, 3, 16, 16) * 2 - 1
+    config = FidConfig(inception_weights=str(weights), batch_size=3)
+    different, same = fid(real, fake, config), fid(real, real, config)
+    assert different > 0 and abs(same) < 1e-9 * different
+
+
+def _scene_images(n: int, seed: int) -> tuple[torch.Tensor, list[str]]:
+    rng = random.Random(seed)
+    scenes = [random_scene(rng) for _ in range(n)]
+    return torch.cat([from_pil(render(s, 32)) for s in scenes]), [s.caption() for s in scenes]
+
+
+def test_prompt_colours_split_background_and_shapes():
+    parsed = prompt_colours("a red circle at the top left and a grey star on the right on a blue background")
+    assert parsed.background == "blue" and parsed.others == ("red", "gray")
+    assert prompt_colours("a cat").background is None and prompt_colours("a cat").others == ()
+
+
+def test_colour_classifier_on_demo_scenes():
+    for name, rgb in COLOURS.items():
+        solid = torch.tensor(rgb, dtype=torch.float32).view(1, 3, 1, 1).expand(1, 3, 4, 4) / 127.5 - 1
+        assert dominant_colour(solid[0]) == name
+    images, captions = _scene_images(24, seed=3)
+    accuracy, scored = colour_accuracy(images, captions)
+    assert (accuracy, scored) == (1.0, 24)  # the corpus's own renders show what their captions say
+    shifted = captions[1:] + captions[:1]
+    wrong, _ = colour_accuracy(images, shifted)
+    print(f"colour accuracy: true captions {accuracy:.2f}, shifted captions {wrong:.2f}")
+    assert wrong < 0.2
+    assert shows_prompted_colours(images[0], "a photo") is None
+    with pytest.raises(ValueError, match="no prompt names a colour"):
+        colour_accuracy(images[:2], ["a photo", "a drawing"])
+
+
+def test_metric_directions_and_improvements():
+    loss, clip = metric_spec("val_loss"), metric_spec("clip_score")
+    assert loss.improvement(challenger=0.8, champion=1.0) == pytest.approx((0.2, 0.2))
+    assert clip.improvement(challenger=30.0, champion=25.0) == pytest.approx((5.0, 0.2))
+    assert clip.improvement(challenger=20.0, champion=25.0)[0] == pytest.approx(-5.0)
+    assert MetricSpec(name="x", direction="max").improvement(1.0, 0.0) == (1.0, math.inf)
+    with pytest.raises(ValueError, match="unknown metric 'acc'"):
+        metric_spec("acc")
+    with pytest.raises(ValueError, match="direction"):
+        MetricSpec(name="x", direction="up")
