@@ -1,0 +1,229 @@
+"""The main job on the embedded default: a generated corpus served on 127.0.0.1 through the whole path.
+
+corpus -> ingest (img2dataset over HTTP) -> curate (a CLIP fitted offline) -> embed (tiny T5) -> train base and
+SR stages (DeepSpeed on Ray Train) -> a sample grid for prompts unseen in training.
+Every step keeps its state on disk (pipelines/step.py), so a rerun skips what is finished.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import pathlib
+import random
+import time
+from typing import Any
+
+from pipelines.ray_env import RayConfig, init_ray
+
+log = logging.getLogger("imagen.demo")
+
+
+@dataclasses.dataclass(kw_only=True, frozen=True)
+class DemoConfig:
+    run_dir: str = "runs/demo"
+    """Where every step writes (corpus/, ingest/, curate/, embed/, train/<stage>/, samples.png, mlflow.db)."""
+    num_images: int = 480
+    """Rows of the generated URL list, junk included."""
+    seed: int = 0
+    """Seeds the corpus, the CLIP fit and training."""
+    port: int = 0
+    """Port of the local corpus server; 0 picks a free one on the first run and reuses it on reruns
+    (the URLs, and so the ingest step's key, contain it)."""
+    base_steps: int = 600
+    """Optimiser steps of the base stage."""
+    sr_steps: int = 300
+    """Optimiser steps of the super-resolution stage."""
+    micro_batch_size: int = 16
+    """Per-worker micro-batch."""
+    num_workers: int = 2
+    """Ray Train workers (CPU processes over gloo here; one per GPU on a cluster)."""
+    zero_stage: int = 2
+    """DeepSpeed ZeRO stage of both stages."""
+    lr: float = 1e-3
+    """Peak learning rate (small nets, few steps: higher than the paper's 1e-4)."""
+    tracking_uri: str | None = None
+    """MLflow tracking URI; None: sqlite:///<run_dir>/mlflow.db."""
+    num_cpus: int | None = None
+    """CPUs of the local Ray (None: all)."""
+
+    def __post_init__(self) -> None:
+        if self.num_images < 100:
+            raise ValueError(f"num_images must be >= 100 so the CLIP fit and both stages have data, got {self.num_images}")
+        if min(self.base_steps, self.sr_steps, self.micro_batch_size, self.num_workers) < 1:
+            raise ValueError("base_steps, sr_steps, micro_batch_size and num_workers must be >= 1")
+
+    @property
+    def root(self) -> pathlib.Path:
+        return pathlib.Path(self.run_dir).resolve()
+
+    @property
+    def mlflow_uri(self) -> str:
+        return self.tracking_uri or f"sqlite:///{self.root / 'mlflow.db'}"
+
+
+def _serve_corpus(config: DemoConfig) -> tuple[Any, Any]:
+    """Write the corpus once and serve it on the port it was written for."""
+    from pipelines.demo_corpus import DemoCorpusConfig, serve_directory, write_demo_corpus
+
+    corpus_dir = config.root / "corpus"
+    state = corpus_dir / "served.json"
+    port = json.loads(state.read_text())["port"] if state.exists() else config.port
+    (corpus_dir / "www").mkdir(parents=True, exist_ok=True)
+    try:
+        server = serve_directory(corpus_dir / "www", port=port)
+    except OSError as exc:
+        raise RuntimeError(
+            f"cannot serve the demo corpus on 127.0.0.1:{port} ({exc}); the corpus in {corpus_dir} was written for "
+            "that port. Free it, or use a new --run-dir."
+        ) from exc
+    if not state.exists():
+        corpus = DemoCorpusConfig(num_images=config.num_images, seed=config.seed, image_size=64)
+        write_demo_corpus(corpus, corpus_dir, server.base_url)
+        state.write_text(json.dumps({"port": int(server.base_url.rsplit(":", 1)[1])}))
+    return server, corpus_dir / "urls.parquet"
+
+
+def _fit_clip(config: DemoConfig) -> Any:
+    """A tiny CLIP trained on separately generated pairs: the offline stand-in for a pretrained model."""
+    from pipelines.clip_model import ClipConfig, TinyClipFit, fit_tiny_clip
+    from pipelines.demo_corpus import random_scene, render
+
+    rng = random.Random(config.seed + 10_000)  # other scenes than the corpus: like a model trained elsewhere
+    scenes = [random_scene(rng) for _ in range(1024)]
+    checkpoint = fit_tiny_clip(
+        [render(s, 64) for s in scenes], [s.caption() for s in scenes], config.root / "clip", TinyClipFit(seed=config.seed)
+    )
+    return ClipConfig.tiny(checkpoint)
+
+
+def _train(config: DemoConfig, recipe: str, steps: int, embed_dir: pathlib.Path, ray_config: RayConfig) -> Any:
+    from imagen_core.recipes import stage_recipe
+    from pipelines.train.config import (
+        CheckpointConfig,
+        DataConfig,
+        OptimConfig,
+        ScalingConfig,
+        ScheduleConfig,
+        TrackingConfig,
+        TrainConfig,
+    )
+    from pipelines.train.trainer import run_exists, train_stage
+
+    stage = stage_recipe(recipe)
+    output_dir = config.root / "train" / stage.name
+    storage = str(output_dir / "ray")
+    train = TrainConfig(
+        stage=stage,
+        output_dir=str(output_dir),
+        run_name=stage.name,
+        total_steps=steps,
+        resume=run_exists(storage, stage.name),
+        seed=config.seed,
+        data=DataConfig(paths=(str(embed_dir / "shards"),), val_fraction=0.05),
+        optim=OptimConfig(kind="adam", lr=config.lr, ema_decay=0.995),
+        schedule=ScheduleConfig(warmup_steps=min(50, steps)),
+        checkpoint=CheckpointConfig(every_steps=max(steps // 3, 1), num_to_keep=2, storage_path=storage),
+        tracking=TrackingConfig(
+            tracking_uri=config.mlflow_uri, experiment="imagen-demo", log_every=20,
+            val_every=max(steps // 3, 1), sample_every=steps, num_samples=8,
+        ),
+        scaling=ScalingConfig(
+            num_workers=config.num_workers, cpus_per_worker=0.5, zero_stage=config.zero_stage,
+            micro_batch_size=config.micro_batch_size,
+        ),
+    )
+    return train_stage(train, ray_config)
+
+
+def _unseen_prompts(embed_dir: pathlib.Path, count: int, seed: int) -> list[str]:
+    """Captions of the demo's grammar that no training row has."""
+    import pyarrow.dataset as ds
+
+    from pipelines.demo_corpus import random_scene
+
+    seen = set(ds.dataset(str(embed_dir / "shards"), format="parquet").to_table(columns=["caption"])["caption"].to_pylist())
+    rng, prompts = random.Random(seed + 20_000), []
+    while len(prompts) < count:
+        caption = random_scene(rng).caption()
+        if caption not in seen and caption not in prompts:
+            prompts.append(caption)
+    return prompts
+
+
+def _sample_grid(config: DemoConfig, export_dirs: list[str], prompts: list[str]) -> pathlib.Path:
+    from imagen_core.cascade import Cascade
+    from imagen_core.checkpoint import load_checkpoint
+    from imagen_core.stage import DiffusionStage, StageConfig
+    from pipelines.report import Cell, contact_sheet, save_png
+    from pipelines.registry.images import png_bytes
+
+    stages = []
+    for export in export_dirs:
+        weights, stage_dict = load_checkpoint(export)
+        stage = DiffusionStage(StageConfig.from_dict(stage_dict))
+        stage.unet.load_state_dict(weights)
+        stages.append(stage.eval())
+    outputs = Cascade.from_stages(stages).sample(prompts, seed=config.seed)
+    cells = [Cell(image=png_bytes(img), lines=(prompt,)) for img, prompt in zip(outputs[-1], prompts)]
+    return save_png(contact_sheet(cells, cell_px=128, cols=4), config.root / "samples.png")
+
+
+def run_demo(config: DemoConfig) -> dict[str, Any]:
+    """Run (or resume) the whole demo; returns a summary of every step."""
+    from pipelines.curate import CurateConfig, ScoreConfig, curate
+    from pipelines.embed import EmbedConfig, embed
+    from pipelines.fetch_policy import FetchPolicyConfig
+    from pipelines.ingest import IngestConfig, run_ingest
+    from pipelines.url_lists import UrlListConfig
+    from imagen_core.recipes import tiny_text_encoder
+
+    root = config.root
+    root.mkdir(parents=True, exist_ok=True)
+    ray_config = RayConfig(num_cpus=config.num_cpus)
+    timings: dict[str, float] = {}
+
+    def timed(name: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        started = time.monotonic()
+        log.info("step %s ...", name)
+        result = fn(*args, **kwargs)
+        timings[name] = round(time.monotonic() - started, 1)
+        log.info("step %s done in %.1fs", name, timings[name])
+        return result
+
+    server, url_list = _serve_corpus(config)
+    try:
+        init_ray(ray_config)
+        ingest = IngestConfig(
+            url_list=UrlListConfig(paths=(str(url_list),)),
+            output_dir=str(root / "ingest"),
+            rows_per_shard=160,
+            image_size=64,
+            policy=FetchPolicyConfig(allow_loopback=True),  # the corpus is served on 127.0.0.1
+        )
+        ingested = timed("ingest", run_ingest, ingest, ray_config)
+    finally:
+        server.stop()
+    clip = timed("fit_clip", _fit_clip, config)
+    curated = timed("curate", curate, root / "ingest", root / "curate", CurateConfig(score=ScoreConfig(clip=clip)))
+    embedded = timed("embed", embed, root / "curate", root / "embed", EmbedConfig(text_encoder=tiny_text_encoder()))
+    base = timed("train_base", _train, config, "demo_base", config.base_steps, root / "embed", ray_config)
+    sr = timed("train_sr", _train, config, "demo_sr", config.sr_steps, root / "embed", ray_config)
+    prompts = _unseen_prompts(root / "embed", 8, config.seed)
+    grid = timed("sample", _sample_grid, config, [base.export_dir, sr.export_dir], prompts)
+    summary = {
+        "run_dir": str(root),
+        "ingest": {k: ingested.get(k) for k in ("input_rows", "downloaded", "failed", "by_status")},
+        "curate_funnel": curated.get("funnel"),
+        "embed": {k: v for k, v in embedded.items() if k != "shards"},
+        "train": {
+            "base": {"export": base.export_dir, "mlflow_run_id": base.mlflow_run_id, "metrics": base.metrics},
+            "sr1": {"export": sr.export_dir, "mlflow_run_id": sr.mlflow_run_id, "metrics": sr.metrics},
+        },
+        "samples": str(grid),
+        "prompts": prompts,
+        "mlflow": config.mlflow_uri,
+        "timings_s": timings,
+    }
+    (root / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    return summary
