@@ -7,6 +7,8 @@
 - fid: Frechet Inception Distance of samples against held-out images (fid.py); skipped, and said so, without
   Inception weights on disk.
 - colour_accuracy: share of samples showing the colours their prompts name (colour.py).
+- psnr, psnr_bicubic (SR stages): PSNR of the upsampled held-out images against the originals, and of bicubic
+  upsampling, the baseline the stage must beat.
 A super-resolution stage is sampled by upsampling the held-out images' downsampled copies, with their captions.
 Results go to the version's run (metrics `eval/<name>`) and to the version itself (tags `metric.<name>`).
 """
@@ -160,6 +162,17 @@ def draw_samples(
     return torch.cat(out)
 
 
+def psnr(images: torch.Tensor, reference: torch.Tensor) -> float:
+    """Mean PSNR in dB of images in [-1, 1] against the reference (peak-to-peak range 2)."""
+    mse = (images.clamp(-1, 1) - reference).square().flatten(1).mean(1).clamp_min(1e-10)
+    return float((10.0 * torch.log10(4.0 / mse)).mean())
+
+
+def bicubic_upsample(lowres: torch.Tensor, size: int) -> torch.Tensor:
+    """The baseline a super-resolution stage must beat."""
+    return torch.nn.functional.interpolate(lowres, size=(size, size), mode="bicubic", align_corners=False).clamp(-1, 1)
+
+
 def clip_score(clip: Clip, images: torch.Tensor, prompts: Sequence[str]) -> float:
     """100 * mean over samples of max(cos(image, prompt), 0)."""
     cosine = (clip.encode_images(to_pil(images)) * clip.encode_texts(list(prompts))).sum(-1)
@@ -204,6 +217,10 @@ def compute_metrics(
         return EvalResult(metrics, notes)
     prompts, lowres = inputs
     samples = draw_samples(stage, encoder, prompts, lowres, config)
+    if lowres is not None and heldout is not None:
+        truth = resize_lowres(heldout.images[: samples.shape[0]], stage.config.image_size)
+        metrics["psnr"] = psnr(samples, truth)
+        metrics["psnr_bicubic"] = psnr(bicubic_upsample(lowres, stage.config.image_size), truth)
     if config.clip is not None:
         metrics["clip_score"] = clip_score(Clip(config.clip), samples, prompts)
     if config.colour_accuracy:
