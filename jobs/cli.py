@@ -124,7 +124,8 @@ def _register(args: argparse.Namespace) -> Any:
 
 
 def _promote(args: argparse.Namespace) -> Any:
-    from pipelines.registry import MetricSpec, promote
+    from pipelines.registry.metrics import MetricSpec
+    from pipelines.registry.promote import promote
 
     _tracking(args)
     decision = promote(args.name, args.stage, MetricSpec(args.metric, direction=args.direction), min_abs=args.min_abs,

@@ -37,13 +37,7 @@ INGEST_SCHEMA = pa.schema([
 ])
 CLIP_FIT = TinyClipFit(steps=150)
 CLIP_TRAIN_SCENES, CLIP_TRAIN_SEED = 512, 1000  # a different seed from every evaluated corpus
-# Thresholds for the tiny CLIP (matched pairs score ~0.9, mismatched ~0; real CLIPs need their own).
-DEMO_SELECT = SelectConfig(
-    size=SizeFilter(min_side=32),
-    clip_score=ClipScoreFilter(mode="absolute", min_score=0.6),
-    near_dup=NearDupFilter(threshold=0.9, max_thumbnail_mad=3.0),
-    unsafe=UnsafeFilter(enabled=False),
-)
+from pipelines.demo import DEMO_SELECT  # noqa: E402 - the demo's thresholds for the tiny CLIP
 # A stand-in "unsafe" concept (the demo corpus has nothing unsafe): black backgrounds. The tiny CLIP
 # reads backgrounds well zero-shot; it cannot bind colour to shape ("a red cross" flags at random).
 STAND_IN_UNSAFE = ("a black background",)

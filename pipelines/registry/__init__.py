@@ -3,6 +3,8 @@
 The CLI (jobs/cli.py) calls these functions; each option set is a typed config. Call `configure_tracking` first
 (it checks the URI in seconds, then sets it): the other functions use MLflow's configured tracking URI.
 
+Import functions from their submodules (`from pipelines.registry.promote import promote`): once a submodule
+is imported, a package attribute of the same name (`promote`, `evaluate`) is that module, not the function.
 Names are imported from their submodules on first use, so `check_tracking` runs without importing torch first.
 """
 from __future__ import annotations
