@@ -148,7 +148,18 @@ def _train(config: DemoConfig, recipe: str, steps: int, embed_dir: pathlib.Path,
             micro_batch_size=config.micro_batch_size,
         ),
     )
-    return train_stage(train, ray_config)
+    # The finished run's result, keyed by its config, makes a rerun skip the stage (Ray Train would restart
+    # the workers only to find the run at its last step).
+    from pipelines.step import atomic_write_json, step_key
+    from pipelines.train.trainer import TrainResult
+
+    key = step_key("train", dataclasses.replace(train, resume=False), [])
+    done = output_dir / "result.json"
+    if done.exists() and (saved := json.loads(done.read_text()))["key"] == key:
+        return TrainResult(**saved["result"])
+    result = train_stage(train, ray_config)
+    atomic_write_json(done, {"key": key, "result": dataclasses.asdict(result)})
+    return result
 
 
 def _unseen_prompts(embed_dir: pathlib.Path, count: int, seed: int) -> list[str]:
@@ -244,6 +255,7 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     from pipelines.embed import EmbedConfig, embed
     from pipelines.fetch_policy import FetchPolicyConfig
     from pipelines.ingest import IngestConfig, run_ingest
+    from pipelines.report import report
     from pipelines.url_lists import UrlListConfig
     from imagen_core.recipes import tiny_text_encoder
 
@@ -275,6 +287,9 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
         server.stop()
     clip = timed("fit_clip", _fit_clip, config)
     curated = timed("curate", curate, root / "ingest", root / "curate", CurateConfig(score=ScoreConfig(clip=clip), select=DEMO_SELECT))
+    if not (root / "curate" / "report" / "report.json").exists():  # written last by report()
+        timed("report", report, root / "curate", ingest_dir=root / "ingest", tracking_uri=config.mlflow_uri,
+              experiment="imagen-demo")
     embedded = timed("embed", embed, root / "curate", root / "embed", EmbedConfig(text_encoder=tiny_text_encoder()))
     base = timed("train_base", _train, config, "demo_base", config.base_steps, root / "embed", ray_config)
     sr = timed("train_sr", _train, config, "demo_sr", config.sr_steps, root / "embed", ray_config)

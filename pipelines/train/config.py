@@ -1,0 +1,294 @@
+"""Typed configuration of one stage's training run (torchtitan-style nested dataclasses).
+
+`TrainConfig` is data: it travels to the Ray Train workers as one object, is written next to the outputs
+(`train_config.json`) and is rebuilt from that JSON with `TrainConfig.from_dict`. The DeepSpeed side is a
+JSON file users edit (cluster/deepspeed/zero*.json) named by `ScalingConfig.deepspeed_config`; the few fields
+a run commonly changes (ZeRO stage, micro-batch, accumulation, clipping) can be overridden here, and
+`pipelines.train.dsconfig.resolve_deepspeed_config` writes the result to `deepspeed.json` beside it.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+from imagen_core.stage import StageConfig
+
+ZeroStage = Literal[0, 1, 2, 3]
+OptimizerKind = Literal["adam", "adamw", "adafactor"]
+Precision = Literal["auto", "bf16", "fp32"]
+LRDecay = Literal["cosine", "constant"]
+
+ADAFACTOR_NEEDS_ZERO0 = (
+    "optim.kind='adafactor' needs ZeRO stage 0: ZeRO 1-3 give the optimiser flat 1-D partitions, so Adafactor's "
+    "factored second moment and its per-tensor RMS scaling would silently change meaning. Use a zero0 DeepSpeed "
+    "config / scaling.zero_stage=0 (Adafactor's state is already small) or optim.kind='adam'/'adamw'."
+)
+
+
+def _check_choice(name: str, value: Any, choices: Any) -> None:
+    if value not in get_args(choices):
+        raise ValueError(f"{name} must be one of {get_args(choices)}, got {value!r}")
+
+
+def _check_positive(owner: str, **values: float) -> None:
+    for name, value in values.items():
+        if value is None or value <= 0:
+            raise ValueError(f"{owner}.{name} must be > 0, got {value!r}")
+
+
+@dataclasses.dataclass(kw_only=True, frozen=True)
+class DataConfig:
+    """The embed step's Parquet, streamed by Ray Data into the workers."""
+
+    paths: tuple[str, ...]
+    """Parquet files or directories written by the embed step (key, caption, image, n_tokens, text_embedding)."""
+    val_fraction: float = 0.02
+    """Fraction of keys held out for the validation loss and sample grids, chosen by a hash of the key
+    (stable across runs, stages and machines)."""
+    val_max_samples: int = 256
+    """At most this many held-out rows are used (the first ones in file order): validation stays cheap."""
+    shuffle_buffer_rows: int = 256
+    """Rows in each worker's local shuffle buffer; reseeded every epoch from (seed, epoch, rank)."""
+    cpus_per_task: float = 0.25
+    """CPUs each Ray Data read/decode task asks for. Fractional so data tasks fit beside the train workers
+    on a small machine (with 1 CPU per task, 2 train workers on 2 CPUs starve Ray Data for ever)."""
+    decode_batch_rows: int = 64
+    """Rows per Ray Data decode task (images decoded, resized and centre-cropped there, never in the loop)."""
+    prefetch_batches: int = 2
+    """Micro-batches each worker prefetches while the current one trains."""
+    ledger: bool = True
+    """Write <output_dir>/ledger/rank<r>.jsonl: the keys and losses of every step (~50 bytes per sample per
+    step), for auditing that each sample is seen once per epoch and that a resumed run saw what it should."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.paths, str) or not self.paths:
+            raise ValueError("DataConfig.paths must be a non-empty tuple of Parquet files or directories")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ValueError(f"DataConfig.val_fraction must be in (0, 1), got {self.val_fraction}")
+        _check_positive("DataConfig", val_max_samples=self.val_max_samples,
+                        shuffle_buffer_rows=self.shuffle_buffer_rows,
+                        cpus_per_task=self.cpus_per_task, decode_batch_rows=self.decode_batch_rows)
+        if self.prefetch_batches < 0:
+            raise ValueError(f"DataConfig.prefetch_batches must be >= 0, got {self.prefetch_batches}")
+
+
+@dataclasses.dataclass(kw_only=True, frozen=True)
+class OptimConfig:
+    """Optimiser and EMA. Paper (IMAGEN_FACTS.md): Adafactor for the base, Adam (0.9, 0.999, 1e-8) for the SR
+    stages, lr 1e-4, no weight decay."""
+
+    kind: OptimizerKind = "adam"
+    """"adam" / "adamw" (torch, elementwise: exact under every ZeRO stage) or "adafactor" (torch.optim.Adafactor).
+    Adafactor needs ZeRO stage 0: ZeRO 1-3 hand the optimiser flat 1-D partitions, which would silently
+    turn its factored row/column second moments into an unfactored one."""
+    lr: float = 1e-4
+    """Peak learning rate, reached at the end of the warm-up."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """Adam/AdamW betas (paper: 0.9, 0.999; imagen-pytorch's 0.99 is a known deviation)."""
+    eps: float = 1e-8
+    """Adam/AdamW epsilon."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay (AdamW/Adafactor); the paper uses none."""
+    ema_decay: float = 0.9999
+    """EMA decay per update (with the EMA's warm-up cap (1 + n) / (10 + n))."""
+    ema_every: int = 1
+    """Update the EMA every this many optimiser steps (each update gathers the fp32 weights: see loop.py)."""
+
+    def __post_init__(self) -> None:
+        _check_choice("OptimConfig.kind", self.kind, OptimizerKind)
+        _check_positive("OptimConfig", lr=self.lr, eps=self.eps, ema_every=self.ema_every)
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"OptimConfig.betas must be two numbers in [0, 1), got {self.betas!r}")
+        if self.weight_decay < 0:
+            raise ValueError(f"OptimConfig.weight_decay must be >= 0, got {self.weight_decay}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"OptimConfig.ema_decay must be in [0, 1), got {self.ema_decay}")
+
+
+@dataclasses.dataclass(kw_only=True, frozen=True)
+class ScheduleConfig:
+    """Learning-rate schedule: linear warm-up then cosine decay (paper: 10k warm-up steps)."""
+
+    warmup_steps: int = 10_000
+    """Optimiser steps of linear warm-up from lr/warmup_steps to lr."""
+    decay: LRDecay = "cosine"
+    """After warm-up: "cosine" down to min_lr_ratio * lr at TrainConfig.total_steps, or "constant"."""
+    min_lr_ratio: float = 0.0
+    """Final learning rate as a fraction of the peak."""
+
+    def __post_init__(self) -> None:
+        _check_choice("ScheduleConfig.decay", self.decay, LRDecay)
+        if self.warmup_steps < 0:
+            raise ValueError(f"ScheduleConfig.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"ScheduleConfig.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+
+
+@dataclasses.dataclass(kw_only=True, frozen=True)
+class CheckpointConfig:
+    """DeepSpeed checkpoints reported to Ray Train, and recovery."""
+
+    every_steps: int = 1000
+    """Save a checkpoint every this many optimiser steps (and always at the last step of a fit)."""
+    num_to_keep: int = 3
+    """Checkpoints kept in storage (the oldest are deleted); >= 2 so a damaged latest one has a fallback."""
+    max_failures: int = 3
+    """Worker failures Ray Train recovers from (restarting from the latest valid checkpoint) before giving up."""
+    storage_path: str | None = None
+    """Ray Train storage: a local path or any pyarrow/fsspec URI (s3://, gs://, ...). None: <output_dir>/ray."""
+
+    def __post_init__(self) -> None:
+        _check_positive("CheckpointConfig", every_steps=self.every_steps)
+        if self.num_to_keep < 2:
+            raise ValueError(
+                f"CheckpointConfig.num_to_keep must be >= 2 (a truncated latest checkpoint falls back to the one "
+                f"before it), got {self.num_to_keep}"
+            )
+        if self.max_failures < -1:
+            raise ValueError(f"CheckpointConfig.max_failures must be >= -1 (-1: unlimited), got {self.max_failures}")
+
+
+@dataclasses.dataclass(kw_only=True, frozen=True)
+class TrackingConfig:
+    """MLflow, logged from rank 0 (the driver creates the run and logs the config and the export)."""
+
+    tracking_uri: str | None = None
+    """MLflow tracking URI (sqlite:///path/mlflow.db, http://host:5000). None: sqlite:///<output_dir>/mlflow.db."""
+    experiment: str = "imagen-train"
+    """MLflow experiment name."""
+    log_every: int = 10
+    """Log loss, lr, grad norm, throughput, data wait and memory every this many optimiser steps."""
+    val_every: int = 500
+    """Validation loss (EMA and training weights) every this many steps and at the end of each fit."""
+    sample_every: int = 500
+    """Sample grid (PNG artifact) every this many steps and at the end of each fit."""
+    num_samples: int = 4
+    """Held-out captions (the first ones by key order) sampled in each grid: the same prompts all run long."""
+    sample_steps: int = 25
+    """Sampler steps for the grids (the stage's sampler kind and guidance)."""
+    val_timesteps: int = 8
+    """Validation loss averages these fixed times t_k = (k + 0.5) / K: deterministic, unlike the training loss."""
+    val_seed: int = 1234
+    """Seed of the validation noise (per sample, from the key): the same number across runs and restarts."""
+
+    def __post_init__(self) -> None:
+        _check_positive("TrackingConfig", log_every=self.log_every, val_every=self.val_every,
+                        sample_every=self.sample_every, num_samples=self.num_samples,
+                        sample_steps=self.sample_steps, val_timesteps=self.val_timesteps)
+
+
+@dataclasses.dataclass(kw_only=True, frozen=True)
+class ScalingConfig:
+    """Workers and the DeepSpeed engine each one runs."""
+
+    num_workers: int = 1
+    """Ray Train workers: one per GPU (or CPU processes with gloo when use_gpu is False)."""
+    use_gpu: bool = False
+    """One GPU per worker and NCCL; False runs CPU workers over gloo (tests, the demo)."""
+    cpus_per_worker: float = 1.0
+    """CPUs each train worker reserves; lower it on a small machine so Ray Data tasks get CPUs too."""
+    deepspeed_config: str = "zero2"
+    """A DeepSpeed JSON: a name in cluster/deepspeed/ ("zero0".."zero3") or a path to a .json file."""
+    zero_stage: ZeroStage | None = None
+    """Override of zero_optimization.stage (0 is plain data parallel)."""
+    micro_batch_size: int | None = None
+    """Override of train_micro_batch_size_per_gpu."""
+    grad_accum_steps: int | None = None
+    """Override of gradient_accumulation_steps."""
+    gradient_clipping: float | None = None
+    """Override of gradient_clipping (global-norm clipping; 0 disables)."""
+    precision: Precision = "auto"
+    """"auto": bf16 on GPU, fp32 on CPU. DeepSpeed keeps fp32 master weights and optimiser state under bf16."""
+    activation_checkpointing: bool | None = None
+    """Override of the stage's UNetConfig.activation_checkpointing (recompute blocks in backward)."""
+
+    def __post_init__(self) -> None:
+        _check_positive("ScalingConfig", num_workers=self.num_workers, cpus_per_worker=self.cpus_per_worker)
+        if self.zero_stage is not None:
+            _check_choice("ScalingConfig.zero_stage", self.zero_stage, ZeroStage)
+        _check_choice("ScalingConfig.precision", self.precision, Precision)
+        for name in ("micro_batch_size", "grad_accum_steps"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"ScalingConfig.{name} must be >= 1, got {value}")
+        if self.gradient_clipping is not None and self.gradient_clipping < 0:
+            raise ValueError(f"ScalingConfig.gradient_clipping must be >= 0, got {self.gradient_clipping}")
+        if self.precision == "bf16" and not self.use_gpu:
+            raise ValueError("ScalingConfig.precision='bf16' needs use_gpu=True; CPU workers train in fp32")
+
+
+@dataclasses.dataclass(kw_only=True, frozen=True)
+class TrainConfig:
+    """One stage's training run. Base and SR stages differ only in `stage` (and sizes)."""
+
+    stage: StageConfig
+    """The stage to train (imagen_core.recipes.stage_recipe(name)); stored with every export."""
+    output_dir: str
+    """Local (or shared POSIX) directory for the resolved configs, the export, the ledger and worker status."""
+    run_name: str
+    """Name of the run in Ray Train storage; the same name with resume=True continues it."""
+    total_steps: int
+    """Optimiser steps of the whole run (the length of the learning-rate schedule)."""
+    stop_at_step: int | None = None
+    """Stop this fit early at this step (checkpointed); a later fit with resume=True goes on to total_steps."""
+    resume: bool = False
+    """True: continue the run stored under run_name from its latest valid checkpoint (or start it if it does not
+    exist yet, so a workflow can always pass it). False refuses a run that already exists."""
+    seed: int = 0
+    """Seeds the initial weights, the data order and every noise draw."""
+    data: DataConfig
+    optim: OptimConfig = OptimConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    scaling: ScalingConfig = ScalingConfig()
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.stage, StageConfig):
+            raise TypeError(f"TrainConfig.stage must be a StageConfig, got {type(self.stage).__name__}")
+        if not self.run_name or "/" in self.run_name:
+            raise ValueError(f"TrainConfig.run_name must be a non-empty name without '/', got {self.run_name!r}")
+        _check_positive("TrainConfig", total_steps=self.total_steps)
+        if self.stop_at_step is not None and not 0 < self.stop_at_step <= self.total_steps:
+            raise ValueError(
+                f"TrainConfig.stop_at_step must be in [1, total_steps={self.total_steps}], got {self.stop_at_step}"
+            )
+        if self.schedule.warmup_steps > self.total_steps:
+            raise ValueError(
+                f"ScheduleConfig.warmup_steps {self.schedule.warmup_steps} exceeds total_steps {self.total_steps}"
+            )
+        if self.optim.kind == "adafactor" and self.scaling.zero_stage not in (None, 0):
+            raise ValueError(ADAFACTOR_NEEDS_ZERO0)
+
+    @property
+    def last_step(self) -> int:
+        """The step this fit stops at."""
+        return self.stop_at_step if self.stop_at_step is not None else self.total_steps
+
+    @property
+    def stage_config(self) -> StageConfig:
+        """The stage with the scaling overrides applied (activation checkpointing)."""
+        if self.scaling.activation_checkpointing is None:
+            return self.stage
+        unet = dataclasses.replace(self.stage.unet, activation_checkpointing=self.scaling.activation_checkpointing)
+        return dataclasses.replace(self.stage, unet=unet)
+
+    @property
+    def storage_path(self) -> str:
+        return self.checkpoint.storage_path or str(Path(self.output_dir) / "ray")
+
+    @property
+    def tracking_uri(self) -> str:
+        return self.tracking.tracking_uri or f"sqlite:///{Path(self.output_dir).resolve() / 'mlflow.db'}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        """Rebuild from `to_dict()` output, its JSON, or a TOML file's tables (imagen_core.config_io checks
+        every key and type and names the bad one)."""
+        from imagen_core.config_io import build
+
+        return build(cls, data)

@@ -1,0 +1,271 @@
+"""Training input: the embed step's Parquet streamed by Ray Data into the Ray Train workers.
+
+Per row the embed step stores key, caption, the encoded image, n_tokens and the caption's text embedding
+flattened to n_tokens * D fp16 values (D in the schema metadata): only real tokens, never padded to the
+encoder's max length (IMAGEN_FACTS "Storage arithmetic"). Here:
+
+- Ray Data CPU tasks (`DecodeImages`, map_batches) decode, resize the short side and centre-crop to the
+  stage's resolution, and for a super-resolution stage also make the low-resolution conditioning image from
+  the same crop; nothing of that runs in the training loop;
+- `streaming_split` (Ray Train's DataConfig) gives each worker a shard; no worker holds the dataset;
+- `Collate` (in the worker's prefetch threads) unflattens the embeddings and pads them per batch with a mask.
+
+Order, for exact resume: with `preserve_order` the file order (seeded, fixed) and the split of blocks across
+workers are deterministic, and each epoch is reshuffled by a local buffer seeded from (seed, epoch, rank).
+An epoch's order is thus a function of (seed, epoch, world size): a resumed worker re-reads its current epoch
+and skips the micro-batches its checkpoint says it consumed (`epoch_batches`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from ray.data.collate_fn import NumpyBatchCollateFn
+
+from pipelines.train.config import DataConfig
+
+Split = Literal["train", "val"]
+COLUMNS = ("key", "caption", "image", "n_tokens", "text_embedding")
+"""Columns of the embed step's Parquet (pipelines/embed.py) that training reads."""
+
+
+def parquet_files(paths: tuple[str, ...]) -> list[str]:
+    """Training files: a finished embed step directory gives its manifest's shards (never a half-written
+    run's), a file is itself, any other directory gives its *.parquet files (sorted, hidden ones skipped)."""
+    from pipelines.embed import shard_files
+
+    files: list[str] = []
+    for entry in paths:
+        path = Path(entry)
+        if path.is_dir() and (path / "manifest.json").exists():
+            files.extend(str(p) for p in shard_files(path))
+        elif path.is_dir():
+            found = sorted(p for p in path.rglob("*.parquet") if not p.name.startswith((".", "_")))
+            files.extend(str(p) for p in found)
+        elif path.is_file():
+            files.append(str(path))
+        else:
+            raise FileNotFoundError(f"training data path {entry} does not exist (give the embed step's output)")
+    if not files:
+        raise FileNotFoundError(f"no .parquet files under {list(paths)}: run the embed step first")
+    return files
+
+
+def text_embed_dim(files: list[str]) -> int:
+    """D from the schema metadata (the embed step's contract), checked to agree across files and to come
+    with the columns training reads."""
+    import pyarrow.parquet as pq
+
+    from pipelines.embed import embed_dim_of
+
+    dims = set()
+    for file in files:
+        schema = pq.read_schema(file)
+        missing = [c for c in COLUMNS if c not in schema.names]
+        if missing:
+            raise ValueError(f"{file} lacks column(s) {missing}: not the embed step's output (has {schema.names})")
+        try:
+            dims.add(embed_dim_of(schema))
+        except ValueError as error:
+            raise ValueError(f"{file}: {error}") from error
+    if len(dims) != 1:
+        raise ValueError(
+            f"the training files disagree on the text-embedding width: {sorted(dims)}; embed them with one encoder"
+        )
+    return dims.pop()
+
+
+def held_out(key: str, fraction: float) -> bool:
+    """Stable split by key: the same rows are held out on every run, stage and machine."""
+    digest = hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2.0**64 < fraction
+
+
+class SelectSplit:
+    """map_batches filter keeping one split's rows."""
+
+    def __init__(self, split: Split, fraction: float) -> None:
+        self.split, self.fraction = split, fraction
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        keep = np.array([held_out(str(k), self.fraction) == (self.split == "val") for k in batch["key"]], dtype=bool)
+        return {name: column[keep] for name, column in batch.items()}
+
+
+def decode_image(data: bytes, size: int) -> np.ndarray:
+    """Encoded image -> (size, size, 3) uint8: short side resized to `size` (bicubic, antialiased), centre crop."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        image = image.convert("RGB")
+        width, height = image.size
+        scale = size / min(width, height)
+        new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
+        image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
+        left, top = (new_w - size) // 2, (new_h - size) // 2
+        return np.asarray(image.crop((left, top, left + size, top + size)), dtype=np.uint8)
+
+
+def downsample(image: np.ndarray, size: int) -> np.ndarray:
+    """The low-resolution conditioning image of an SR stage, from the same crop (PIL resize antialiases)."""
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BICUBIC), dtype=np.uint8)
+
+
+class DecodeImages:
+    """Ray Data map_batches task: encoded images -> fixed-size uint8 arrays (and low-res ones for SR)."""
+
+    def __init__(self, image_size: int, lowres_size: int | None) -> None:
+        self.image_size, self.lowres_size = image_size, lowres_size
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        images = [decode_image(bytes(b), self.image_size) for b in batch["image"]]
+        out = {
+            "key": batch["key"],
+            "caption": batch["caption"],
+            "n_tokens": batch["n_tokens"].astype(np.int32),
+            "text_embedding": batch["text_embedding"],
+            "image": np.stack(images) if images else np.zeros((0, self.image_size, self.image_size, 3), np.uint8),
+        }
+        if self.lowres_size is not None:
+            lows = [downsample(im, self.lowres_size) for im in images]
+            out["lowres"] = np.stack(lows) if lows else np.zeros((0, self.lowres_size, self.lowres_size, 3), np.uint8)
+        return out
+
+
+def build_dataset(
+    files: list[str], split: Split, data: DataConfig, image_size: int, lowres_size: int | None, seed: int
+) -> Any:
+    """The lazy Ray Dataset of one split, decoded to the stage's resolution."""
+    import ray.data
+
+    cpus = data.cpus_per_task
+    # A fixed seeded file order (not reseeded per execution: Ray counts executions from 0 again after a
+    # restart, which would break resume); epochs differ through the local shuffle buffer's seed.
+    shuffle = ray.data.FileShuffleConfig(seed=seed, reseed_after_execution=False) if split == "train" else None
+    ds = ray.data.read_parquet(files, shuffle=shuffle, num_cpus=cpus).select_columns(list(COLUMNS))
+    ds = ds.map_batches(SelectSplit(split, data.val_fraction), batch_format="numpy", num_cpus=cpus)
+    if split == "val":
+        ds = ds.limit(data.val_max_samples)
+    ds = ds.map_batches(
+        DecodeImages(image_size, lowres_size), batch_format="numpy", batch_size=data.decode_batch_rows, num_cpus=cpus
+    )
+    # The trainer's tqdm bar is the progress display; per-operator bars of every epoch would drown it.
+    ds.context.enable_progress_bars = False
+    ds.context.print_on_execution_start = False
+    return ds
+
+
+def ray_data_config() -> Any:
+    """Ray Train's DataConfig: split "train" across workers (equal rows each), give "val" whole to each worker,
+    and keep order so the split and the epoch order are reproducible (see the module docstring)."""
+    import ray.train
+    from ray.data import ExecutionOptions
+
+    return ray.train.DataConfig(
+        datasets_to_split=["train"],
+        execution_options=ExecutionOptions(preserve_order=True),
+    )
+
+
+@dataclasses.dataclass
+class Batch:
+    """One micro-batch in the layout DiffusionStage.forward takes."""
+
+    keys: list[str]
+    captions: list[str]
+    images: torch.Tensor
+    """(B, 3, S, S) float32 in [-1, 1]."""
+    text_embeds: torch.Tensor
+    """(B, L, D) float32, L = the longest caption of the batch, zero past each caption's tokens."""
+    text_mask: torch.Tensor
+    """(B, L) bool, True on real tokens; column 0 always True."""
+    lowres: torch.Tensor | None = None
+    """(B, 3, s, s) float32 in [-1, 1] for SR stages."""
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def to(self, device: torch.device, dtype: torch.dtype) -> "Batch":
+        move = lambda t: None if t is None else t.to(device=device, dtype=dtype, non_blocking=True)  # noqa: E731
+        return dataclasses.replace(
+            self, images=move(self.images), text_embeds=move(self.text_embeds),
+            text_mask=self.text_mask.to(device), lowres=move(self.lowres),
+        )
+
+
+def images_to_tensor(images: np.ndarray) -> torch.Tensor:
+    """(B, H, W, 3) uint8 -> (B, 3, H, W) float32 in [-1, 1]."""
+    return torch.from_numpy(np.array(images, dtype=np.uint8, copy=True)).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def pad_embeddings(
+    flat: np.ndarray, n_tokens: np.ndarray, dim: int, max_tokens: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flattened per-row embeddings (n_i * D values) -> (B, L, D) zero-padded float32 and a (B, L) mask."""
+    counts = [min(int(n), max_tokens) for n in n_tokens]
+    if any(n < 1 for n in counts):
+        raise ValueError("a row has n_tokens < 1: every caption keeps at least its end token (embed step contract)")
+    length = max(counts)
+    embeds = torch.zeros(len(counts), length, dim)
+    mask = torch.zeros(len(counts), length, dtype=torch.bool)
+    for row, (values, n) in enumerate(zip(flat, counts)):
+        values = np.asarray(values, dtype=np.float16)
+        if values.size != int(n_tokens[row]) * dim:
+            raise ValueError(
+                f"row {row}: text_embedding has {values.size} values but n_tokens * D = {int(n_tokens[row])} * {dim}"
+            )
+        embeds[row, :n] = torch.from_numpy(values.reshape(-1, dim)[:n].astype(np.float32))
+        mask[row, :n] = True
+    return embeds, mask
+
+
+class Collate(NumpyBatchCollateFn):
+    """iter_torch_batches collate_fn (runs in the worker's prefetch threads, not in the step)."""
+
+    def __init__(self, embed_dim: int, max_tokens: int) -> None:
+        self.embed_dim, self.max_tokens = embed_dim, max_tokens
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> Batch:
+        embeds, mask = pad_embeddings(batch["text_embedding"], batch["n_tokens"], self.embed_dim, self.max_tokens)
+        return Batch(
+            keys=[str(k) for k in batch["key"]],
+            captions=[str(c) for c in batch["caption"]],
+            images=images_to_tensor(batch["image"]),
+            text_embeds=embeds,
+            text_mask=mask,
+            lowres=images_to_tensor(batch["lowres"]) if "lowres" in batch else None,
+        )
+
+
+def shuffle_seed(seed: int, epoch: int, rank: int) -> int:
+    """The local shuffle seed of one worker's epoch."""
+    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
+
+
+def epoch_batches(
+    shard: Any, *, epoch: int, skip: int, micro_batch: int, collate: Collate, data: DataConfig, seed: int, rank: int
+) -> Iterator[tuple[int, Batch]]:
+    """(index in epoch, batch) of one worker's epoch, after skipping the first `skip` micro-batches.
+
+    drop_last with streaming_split(equal=True) gives every worker the same number of batches per epoch, so the
+    ranks stay in step (a rank with one batch more would hang the others in the next collective).
+    """
+    iterator = shard.iter_torch_batches(
+        batch_size=micro_batch,
+        drop_last=True,
+        collate_fn=collate,
+        local_shuffle_buffer_size=max(data.shuffle_buffer_rows, micro_batch),
+        local_shuffle_seed=shuffle_seed(seed, epoch, rank),
+        prefetch_batches=data.prefetch_batches,
+    )
+    for index, batch in enumerate(iterator):
+        if index >= skip:
+            yield index, batch

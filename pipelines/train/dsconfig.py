@@ -1,0 +1,114 @@
+"""The DeepSpeed JSON a run uses: a file from cluster/deepspeed/ plus TrainConfig's overrides, resolved once.
+
+Resolved on the driver (so the exact dict is written to `deepspeed.json` beside the outputs) and handed to every
+worker. What is resolved here:
+- keys starting with "_" (comments) are dropped;
+- overrides from ScalingConfig (ZeRO stage, micro-batch, accumulation, clipping);
+- `bf16.enabled: "auto"` -> true on GPU, false on CPU (DeepSpeed keeps fp32 master weights under bf16);
+- `train_batch_size` = micro-batch x accumulation x workers (DeepSpeed checks the three agree);
+- `zero_allow_untested_optimizer`: we pass a torch optimiser object, which DeepSpeed does not list as tested.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+from pipelines.train.config import ADAFACTOR_NEEDS_ZERO0, TrainConfig
+
+DEEPSPEED_DIR = Path(__file__).resolve().parents[2] / "cluster" / "deepspeed"
+"""The DeepSpeed JSONs users edit (zero0.json .. zero3.json)."""
+
+
+def deepspeed_json_path(name_or_path: str) -> Path:
+    """`zero2` -> cluster/deepspeed/zero2.json; anything ending in .json is a path."""
+    if name_or_path.endswith(".json"):
+        path = Path(name_or_path)
+    else:
+        path = DEEPSPEED_DIR / f"{name_or_path}.json"
+    if not path.is_file():
+        known = sorted(p.stem for p in DEEPSPEED_DIR.glob("*.json")) if DEEPSPEED_DIR.is_dir() else []
+        raise FileNotFoundError(
+            f"DeepSpeed config {name_or_path!r} not found at {path}; use one of {known} (cluster/deepspeed/) "
+            "or a path to a .json file"
+        )
+    return path
+
+
+def _strip_comments(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _strip_comments(v) for k, v in value.items() if not k.startswith("_")}
+    return value
+
+
+def load_deepspeed_json(name_or_path: str) -> dict[str, Any]:
+    path = deepspeed_json_path(name_or_path)
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from error
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(raw).__name__}")
+    return _strip_comments(raw)
+
+
+def resolve_deepspeed_config(config: TrainConfig) -> dict[str, Any]:
+    """The exact dict every worker passes to deepspeed.initialize."""
+    scaling = config.scaling
+    ds = copy.deepcopy(load_deepspeed_json(scaling.deepspeed_config))
+    source = scaling.deepspeed_config
+    for section in ("optimizer", "scheduler"):
+        if section in ds:
+            raise ValueError(
+                f"DeepSpeed config {source!r} has an {section!r} section; remove it: the optimiser and learning-rate "
+                "schedule come from TrainConfig.optim / TrainConfig.schedule (a torch optimiser is passed to "
+                "deepspeed.initialize so nothing JIT-compiles)"
+            )
+    if ds.get("fp16", {}).get("enabled", False):
+        raise ValueError(f"DeepSpeed config {source!r} enables fp16; use bf16 ('auto' picks it on GPU)")
+    zero = ds.setdefault("zero_optimization", {})
+    if zero.get("offload_optimizer") or zero.get("offload_param"):
+        raise ValueError(
+            f"DeepSpeed config {source!r} offloads to CPU: offload needs DeepSpeedCPUAdam (a JIT-compiled op), "
+            "which this trainer does not build; remove offload_optimizer/offload_param"
+        )
+    overrides = {
+        "train_micro_batch_size_per_gpu": scaling.micro_batch_size,
+        "gradient_accumulation_steps": scaling.grad_accum_steps,
+        "gradient_clipping": scaling.gradient_clipping,
+    }
+    ds.update({k: v for k, v in overrides.items() if v is not None})
+    if scaling.zero_stage is not None:
+        zero["stage"] = scaling.zero_stage
+    zero.setdefault("stage", 0)
+    if zero["stage"] not in (0, 1, 2, 3):
+        raise ValueError(f"DeepSpeed config {source!r}: zero_optimization.stage must be 0-3, got {zero['stage']!r}")
+    if config.optim.kind == "adafactor" and zero["stage"] != 0:
+        raise ValueError(ADAFACTOR_NEEDS_ZERO0)
+    for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
+        if not isinstance(ds.get(key), int) or ds[key] < 1:
+            raise ValueError(f"DeepSpeed config {source!r}: {key} must be a positive int, got {ds.get(key)!r}")
+    ds.setdefault("gradient_clipping", 0.0)
+    ds["train_batch_size"] = (
+        ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * scaling.num_workers
+    )
+    ds["bf16"] = {**ds.get("bf16", {}), "enabled": _bf16(ds.get("bf16", {}).get("enabled", "auto"), config)}
+    ds["zero_allow_untested_optimizer"] = True
+    ds.setdefault("steps_per_print", 10**9)
+    return ds
+
+
+def _bf16(enabled: Any, config: TrainConfig) -> bool:
+    precision = config.scaling.precision
+    if precision != "auto":
+        return precision == "bf16"
+    if enabled == "auto":
+        return config.scaling.use_gpu
+    if enabled and not config.scaling.use_gpu:
+        raise ValueError("the DeepSpeed config enables bf16 but scaling.use_gpu is False; CPU workers train in fp32")
+    return bool(enabled)
+
+
+def zero_stage(ds_config: dict[str, Any]) -> int:
+    return int(ds_config["zero_optimization"]["stage"])
