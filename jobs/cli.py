@@ -27,10 +27,11 @@ def _print(result: Any) -> None:
 def _demo(args: argparse.Namespace) -> Any:
     from pipelines.demo import DemoConfig, run_demo
 
-    config = DemoConfig(
-        run_dir=args.run_dir, num_images=args.num_images, base_steps=args.base_steps, sr_steps=args.sr_steps,
-        num_workers=args.workers, tracking_uri=args.tracking_uri, seed=args.seed,
-    )
+    given = {
+        "run_dir": args.run_dir, "num_images": args.num_images, "base_steps": args.base_steps,
+        "sr_steps": args.sr_steps, "num_workers": args.workers, "tracking_uri": args.tracking_uri, "seed": args.seed,
+    }
+    config = DemoConfig(**{k: v for k, v in given.items() if v is not None})
     summary = run_demo(config)
     print(f"\nsamples for prompts unseen in training: {summary['samples']}")
     print(f"MLflow: mlflow ui --backend-store-uri {summary['mlflow']}")
@@ -239,12 +240,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="the main job end to end on a generated corpus, on this machine")
-    p.add_argument("--run-dir", default="runs/demo")
-    p.add_argument("--num-images", type=int, default=480)
-    p.add_argument("--base-steps", type=int, default=600)
-    p.add_argument("--sr-steps", type=int, default=300)
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--run-dir", default=None, help="default: runs/demo")
+    p.add_argument("--num-images", type=int, default=None, help="URL-list rows, junk included (default 480)")
+    p.add_argument("--base-steps", type=int, default=None, help="base stage optimiser steps (default 300)")
+    p.add_argument("--sr-steps", type=int, default=None, help="super-resolution stage steps (default 150)")
+    p.add_argument("--workers", type=int, default=None, help="Ray Train workers (default 2)")
+    p.add_argument("--seed", type=int, default=None)
     p.add_argument("--tracking-uri", default=None)
     p.set_defaults(run=_demo)
 

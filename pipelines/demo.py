@@ -45,9 +45,9 @@ class DemoConfig:
     port: int = 0
     """Port of the local corpus server; 0 picks a free one on the first run and reuses it on reruns
     (the URLs, and so the ingest step's key, contain it)."""
-    base_steps: int = 600
+    base_steps: int = 300
     """Optimiser steps of the base stage."""
-    sr_steps: int = 300
+    sr_steps: int = 150
     """Optimiser steps of the super-resolution stage."""
     micro_batch_size: int = 16
     """Per-worker micro-batch."""

