@@ -126,15 +126,31 @@ class DiffusionStage(nn.Module):
         cfg = self.config
         batch, device = images.shape[0], images.device
         t = torch.rand(batch, device=device, generator=generator)
-        logsnr = logsnr_schedule(t, cfg.schedule)
-        alpha, sigma = alpha_sigma(logsnr)
         eps = torch.randn(images.shape, device=device, generator=generator, dtype=images.dtype)
-        x_t = alpha.view(-1, 1, 1, 1) * images + sigma.view(-1, 1, 1, 1) * eps
         drop = drop_condition_mask(batch, cfg.cond_drop_prob, generator=generator, device=device)
         text_embeds, text_mask = drop_condition(text_embeds, text_mask, drop)
         lowres_noised, lowres_logsnr = self._augment_lowres(images, lowres, generator)
-        output = self.unet(x_t, logsnr, text_embeds, text_mask, lowres=lowres_noised, lowres_logsnr=lowres_logsnr)
-        return diffusion_loss(output, training_target(images, eps, alpha, sigma, cfg.prediction))
+        return self.loss_at(images, text_embeds, text_mask, t, eps, lowres_noised, lowres_logsnr)
+
+    def loss_at(
+        self,
+        images: torch.Tensor,
+        text_embeds: torch.Tensor,
+        text_mask: torch.Tensor,
+        t: torch.Tensor,
+        eps: torch.Tensor,
+        lowres: torch.Tensor | None = None,
+        lowres_logsnr: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Per-sample loss (B,) at given times and noise, as given (no condition dropping, no augmentation).
+
+        `forward` draws t, eps and the augmented low-res image at random; validation fixes them.
+        """
+        logsnr = logsnr_schedule(t, self.config.schedule)
+        alpha, sigma = alpha_sigma(logsnr)
+        x_t = alpha.view(-1, 1, 1, 1) * images + sigma.view(-1, 1, 1, 1) * eps
+        output = self.unet(x_t, logsnr, text_embeds, text_mask, lowres=lowres, lowres_logsnr=lowres_logsnr)
+        return diffusion_loss(output, training_target(images, eps, alpha, sigma, self.config.prediction))
 
     def _augment_lowres(
         self, images: torch.Tensor, lowres: torch.Tensor | None, generator: torch.Generator | None

@@ -3,9 +3,7 @@ import pytest
 import torch
 
 from imagen_core.cascade import Cascade
-from imagen_core.diffusion.objective import training_target
 from imagen_core.diffusion.samplers import SamplerConfig
-from imagen_core.diffusion.schedule import alpha_sigma, logsnr_schedule
 from imagen_core.recipes import stage_tiny_base, stage_tiny_sr
 from imagen_core.stage import DiffusionStage, drop_condition, null_condition
 from imagen_core.text_encoder import build_text_encoder
@@ -30,13 +28,8 @@ def _fixed_eval_loss(stage: DiffusionStage, images, embeds, mask) -> float:
     losses = []
     with torch.no_grad():
         for t in torch.linspace(0.05, 0.95, 10):
-            logsnr = logsnr_schedule(torch.full((images.shape[0],), float(t)), stage.config.schedule)
-            alpha, sigma = alpha_sigma(logsnr)
             eps = torch.randn(images.shape, generator=gen)
-            x_t = alpha.view(-1, 1, 1, 1) * images + sigma.view(-1, 1, 1, 1) * eps
-            out = stage.unet(x_t, logsnr, embeds, mask)
-            target = training_target(images, eps, alpha.view(-1, 1, 1, 1), sigma.view(-1, 1, 1, 1), stage.config.prediction)
-            losses.append(((out - target) ** 2).mean().item())
+            losses.append(stage.loss_at(images, embeds, mask, torch.full((images.shape[0],), float(t)), eps).mean().item())
     return sum(losses) / len(losses)
 
 

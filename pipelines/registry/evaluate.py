@@ -22,9 +22,7 @@ import mlflow
 import torch
 
 from imagen_core.diffusion.augmentation import noise_augment
-from imagen_core.diffusion.objective import diffusion_loss, training_target
 from imagen_core.diffusion.samplers import SamplerConfig
-from imagen_core.diffusion.schedule import alpha_sigma, logsnr_schedule
 from imagen_core.stage import DiffusionStage, resize_lowres
 from imagen_core.text_encoder import TextEncoder, build_text_encoder
 from pipelines.clip_model import Clip, ClipConfig
@@ -135,12 +133,8 @@ def heldout_val_loss(stage: DiffusionStage, encoder: TextEncoder, heldout: HeldO
             lowres, lowres_logsnr = noise_augment(resize_lowres(x0, cfg.lowres_size), levels, cfg.schedule, generator)
         for k in range(config.val_loss_timesteps):
             t = torch.full((x0.shape[0],), (k + 0.5) / config.val_loss_timesteps, device=device)
-            logsnr = logsnr_schedule(t, cfg.schedule)
-            alpha, sigma = alpha_sigma(logsnr)
             eps = torch.randn(x0.shape, generator=generator, device=device)
-            x_t = alpha.view(-1, 1, 1, 1) * x0 + sigma.view(-1, 1, 1, 1) * eps
-            output = stage.unet(x_t, logsnr, embeds, mask, lowres, lowres_logsnr)
-            total += float(diffusion_loss(output, training_target(x0, eps, alpha, sigma, cfg.prediction)).sum())
+            total += float(stage.loss_at(x0, embeds, mask, t, eps, lowres, lowres_logsnr).sum())
             count += x0.shape[0]
     return total / count
 

@@ -14,7 +14,7 @@ import io
 import numpy as np
 import torch
 
-from imagen_core.diffusion import SamplerConfig, alpha_sigma, diffusion_loss, logsnr_schedule, training_target
+from imagen_core.diffusion import SamplerConfig, alpha_sigma, logsnr_schedule
 from imagen_core.stage import DiffusionStage
 from pipelines.train.data import Batch
 
@@ -49,11 +49,7 @@ def validation_loss(module: DiffusionStage, batches: list[Batch], *, timesteps: 
             lowres = a.view(-1, 1, 1, 1) * batch.lowres + s.view(-1, 1, 1, 1) * aug_eps
         for k in range(timesteps):
             t = torch.full((len(batch),), (k + 0.5) / timesteps, device=device)
-            logsnr = logsnr_schedule(t, cfg.schedule)
-            alpha, sigma = alpha_sigma(logsnr)
-            x_t = alpha.view(-1, 1, 1, 1) * images + sigma.view(-1, 1, 1, 1) * eps
-            output = module.unet(x_t, logsnr, batch.text_embeds, batch.text_mask, lowres, lowres_logsnr)
-            losses = diffusion_loss(output, training_target(images, eps, alpha, sigma, cfg.prediction))
+            losses = module.loss_at(images, batch.text_embeds, batch.text_mask, t, eps, lowres, lowres_logsnr)
             total += float(losses.sum())
             count += len(batch)
     return total / count if count else float("nan")
