@@ -67,6 +67,7 @@ def unet_demo_base() -> UNetConfig:
         attention_head_dim=32,
         text_embed_dim=64,
         cond_dim=128,
+        norm_groups=8,  # 4 channels per group: with 32 groups of 1 the net could not carry flat colours
     )
 
 
@@ -83,6 +84,7 @@ def unet_demo_sr() -> UNetConfig:
         attention_head_dim=32,
         text_embed_dim=64,
         cond_dim=128,
+        norm_groups=8,
         lowres_cond=True,
         memory_efficient=True,
         scale_skip=True,
@@ -192,6 +194,9 @@ def stage_demo_sr() -> StageConfig:
         lowres_size=32,
         prediction="v",
         guidance_scale=3.0,
+        # Augmentation levels up to 0.5 (the paper: up to 1): a few hundred steps spent mostly on inputs noised
+        # beyond recognition taught the net little (measured: PSNR 16.8 dB at 200-300 steps with 1.0, 21.7 with 0.5).
+        train_max_aug_level=0.5,
     )
 
 

@@ -74,7 +74,7 @@ class UNetConfig:
     dropout: float = 0.0
     """Dropout inside residual blocks (paper base: 0)."""
     norm_groups: int = 32
-    """GroupNorm groups; base_channels must be a multiple of it."""
+    """GroupNorm groups; base_channels must be a multiple of it, with at least 2 channels per group."""
     activation_checkpointing: bool = False
     """Recompute each residual/attention block in the backward pass instead of storing its activations."""
     memory_efficient: bool = False
@@ -109,6 +109,13 @@ class UNetConfig:
             )
         if self.base_channels % self.norm_groups:
             raise ValueError(f"base_channels {self.base_channels} must be a multiple of norm_groups {self.norm_groups}")
+        if self.base_channels // self.norm_groups < 2:
+            # One channel per group is instance norm: it removes every channel's spatial mean, so a flat colour
+            # (a background) cannot pass through any block (measured: an SR net then ignored its low-res input).
+            raise ValueError(
+                f"norm_groups {self.norm_groups} leaves one channel per group at base_channels {self.base_channels}; "
+                "use at most base_channels // 2 groups"
+            )
         for level, mult in enumerate(self.channel_mults):
             attends = self.self_attention[level] or self.cross_attention[level]
             if attends and (self.base_channels * mult) % self.attention_head_dim:
@@ -231,6 +238,10 @@ class ResBlock(nn.Module):
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
         self.skip_scale = 2**-0.5 if scale_skip else 1.0
+        # Zero-init the residual branch (ADM's zero_module): every block starts as its skip path, so the input,
+        # and for an SR net the low-resolution image, reaches the output from the first step.
+        nn.init.zeros_(self.conv2.weight)
+        nn.init.zeros_(self.conv2.bias)
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
@@ -259,6 +270,8 @@ class AttentionBlock(nn.Module):
         self.to_kv = nn.Linear(channels, 2 * channels) if self_attend else None
         self.text_to_kv = nn.Linear(text_dim, 2 * channels)
         self.proj = nn.Linear(channels, channels)
+        nn.init.zeros_(self.proj.weight)  # starts as the identity, as the residual blocks
+        nn.init.zeros_(self.proj.bias)
         self.ff = None
         if ff_mult:
             self.ff = nn.Sequential(
@@ -355,6 +368,11 @@ class EfficientUNet(nn.Module):
         self.mid_block2 = self._resblock(width, width)
         self.up = self._build_up(widths, skip_widths)
         width = widths[0]
+        # Efficient U-Net: every level runs at half resolution or below, so nothing after the input convolution
+        # sees single pixels. A last residual block at full resolution, on the up path's output concatenated with
+        # the input convolution's (imagen-pytorch's init_conv_to_final_conv_residual + final_res_block), restores
+        # that; without it an SR net could not denoise at low noise levels (measured: x0 worse than x_t at t=0.05).
+        self.full_res_block = self._resblock(2 * width, width) if cfg.memory_efficient else None
 
         self.out_norm = nn.GroupNorm(cfg.norm_groups, width)
         self.out_conv = nn.Conv2d(width, cfg.out_channels, 3, padding=1)
@@ -468,6 +486,7 @@ class EfficientUNet(nn.Module):
         text = self.text_norm(text_embeds)
 
         h = self.input_conv(h)
+        full_res = h
         skips: list[torch.Tensor] = []
         for level in self.down:
             h = self._run_level(level, h, cond, text, text_mask, skips, down=True)
@@ -477,6 +496,8 @@ class EfficientUNet(nn.Module):
         h = self._call(self.mid_block2, h, cond)
         for level in self.up:
             h = self._run_level(level, h, cond, text, text_mask, skips, down=False)
+        if self.full_res_block is not None:
+            h = self._call(self.full_res_block, torch.cat([h, full_res], dim=1), cond)
         return self.out_conv(F.silu(self.out_norm(h)))
 
     def _check_inputs(self, x: torch.Tensor, logsnr: torch.Tensor, text_embeds: torch.Tensor, text_mask: torch.Tensor,

@@ -33,7 +33,10 @@ def _demo(args: argparse.Namespace) -> Any:
     }
     config = DemoConfig(**{k: v for k, v in given.items() if v is not None})
     summary = run_demo(config)
-    print(f"\nsamples for prompts unseen in training: {summary['samples']}")
+    samples = summary["samples"]
+    print(f"\nsamples for prompts unseen in training: {samples['grid']}\n"
+          f"background colour right in {samples['cascade_background_accuracy']:.2f} of them, every named colour "
+          f"shown in {samples['cascade_colour_accuracy']:.2f} (chance: about 1/13 for the background)")
     print(f"MLflow: mlflow ui --backend-store-uri {summary['mlflow']}")
     return summary
 
@@ -242,8 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the main job end to end on a generated corpus, on this machine")
     p.add_argument("--run-dir", default=None, help="default: runs/demo")
     p.add_argument("--num-images", type=int, default=None, help="URL-list rows, junk included (default 480)")
-    p.add_argument("--base-steps", type=int, default=None, help="base stage optimiser steps (default 300)")
-    p.add_argument("--sr-steps", type=int, default=None, help="super-resolution stage steps (default 150)")
+    p.add_argument("--base-steps", type=int, default=None, help="base stage optimiser steps (default 600)")
+    p.add_argument("--sr-steps", type=int, default=None, help="super-resolution stage steps (default 400)")
     p.add_argument("--workers", type=int, default=None, help="Ray Train workers (default 2)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--tracking-uri", default=None)

@@ -10,7 +10,13 @@ import scipy.linalg
 import torch
 
 from pipelines.demo_corpus import COLOURS, random_scene, render
-from pipelines.registry.colour import colour_accuracy, dominant_colour, prompt_colours, shows_prompted_colours
+from pipelines.registry.colour import (
+    background_accuracy,
+    colour_accuracy,
+    dominant_colour,
+    prompt_colours,
+    shows_prompted_colours,
+)
 from pipelines.registry.fid import (
     FidConfig,
     InceptionUnavailable,
@@ -99,6 +105,17 @@ def test_colour_classifier_on_demo_scenes():
     assert shows_prompted_colours(images[0], "a photo") is None
     with pytest.raises(ValueError, match="no prompt names a colour"):
         colour_accuracy(images[:2], ["a photo", "a drawing"])
+
+
+def test_background_accuracy_on_demo_scenes():
+    images, captions = _scene_images(24, seed=4)
+    assert background_accuracy(images, captions) == (1.0, 24)
+    shifted = captions[1:] + captions[:1]
+    assert background_accuracy(images, shifted)[0] < 0.3
+    with pytest.raises(ValueError, match="no prompt names a background"):
+        background_accuracy(images[:2], ["a red circle", "a photo"])
+    with pytest.raises(ValueError, match="2 images but 1 prompts"):
+        background_accuracy(images[:2], captions[:1])
 
 
 def test_metric_directions_and_improvements():

@@ -148,6 +148,8 @@ def test_config_validation_messages() -> None:
         dataclasses.replace(good, image_size=18, memory_efficient=True)
     with pytest.raises(ValueError, match="multiple of norm_groups"):
         dataclasses.replace(good, base_channels=12)
+    with pytest.raises(ValueError, match="one channel per group"):
+        dataclasses.replace(good, norm_groups=16)
     with pytest.raises(ValueError, match="attention_head_dim"):
         dataclasses.replace(good, attention_head_dim=24)
 

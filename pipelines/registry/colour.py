@@ -69,6 +69,19 @@ def dominant_colour(image: torch.Tensor, palette: Mapping[str, tuple[int, int, i
     return list(palette)[int(colour_fractions(image[None], palette)[0].argmax())]
 
 
+def background_accuracy(
+    images: torch.Tensor, prompts: Sequence[str], palette: Mapping[str, tuple[int, int, int]] = DEMO_PALETTE
+) -> tuple[float, int]:
+    """(share of samples whose dominant colour is the background their prompt names, number scored)."""
+    if len(prompts) != images.shape[0]:
+        raise ValueError(f"background_accuracy got {images.shape[0]} images but {len(prompts)} prompts")
+    pairs = [(img, prompt_colours(p, palette).background) for img, p in zip(images, prompts)]
+    scored = [dominant_colour(img, palette) == background for img, background in pairs if background is not None]
+    if not scored:
+        raise ValueError("no prompt names a background colour of the palette: background accuracy is undefined")
+    return sum(scored) / len(scored), len(scored)
+
+
 def shows_prompted_colours(
     image: torch.Tensor,
     prompt: str,

@@ -160,6 +160,9 @@ def build_dataset(
     # The trainer's tqdm bar is the progress display; per-operator bars of every epoch would drown it.
     ds.context.enable_progress_bars = False
     ds.context.print_on_execution_start = False
+    if split == "train" and data.materialize:
+        ds.context.execution_options.preserve_order = True  # the same block order on every run: exact resume
+        ds = ds.materialize()
     return ds
 
 
