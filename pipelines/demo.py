@@ -289,6 +289,7 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     from pipelines.ingest import IngestConfig, run_ingest
     from pipelines.report import report
     from pipelines.url_lists import UrlListConfig
+
     root = config.root
     root.mkdir(parents=True, exist_ok=True)
     ray_config = RayConfig(num_cpus=config.num_cpus)
