@@ -127,7 +127,7 @@ def test_sr_stage_learns_to_use_its_lowres_input():
     config = stage_tiny_sr()
     rng = random.Random(0)
     images = torch.stack([
-        torch.from_numpy(np.asarray(render(random_scene(rng), 32))).permute(2, 0, 1).float()
+        torch.from_numpy(np.array(render(random_scene(rng), 32))).permute(2, 0, 1).float()
         for _ in range(64)
     ]) / 127.5 - 1
     embeds, mask = torch.zeros(64, 1, 64), torch.ones(64, 1, dtype=torch.bool)
