@@ -19,3 +19,15 @@ ASSETS = pathlib.Path(__file__).parent / "assets"
 @pytest.fixture(scope="session")
 def assets_dir() -> pathlib.Path:
     return ASSETS
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    """A local 2-CPU Ray for one test module (this machine's size), shut down after it."""
+    import ray
+
+    from pipelines.ray_env import RayConfig, init_ray
+
+    init_ray(RayConfig(num_cpus=2))
+    yield
+    ray.shutdown()

@@ -27,7 +27,6 @@ from pipelines.clip_model import (TINY_CLIP_NAME, Clip, ClipConfig, ClipWeightsU
 from pipelines.curate import (AspectFilter, CaptionFilter, ClipScoreFilter, CurateConfig, NearDupFilter,
                               ScoreConfig, SelectConfig, SizeFilter, UnsafeFilter, _caption_reasons, curate,
                               near_duplicates, per_sample_reasons, read_decisions, score, select)
-from pipelines.ray_env import RayConfig, init_ray
 from pipelines.step import StepDir, StepKeyMismatch, atomic_write_parquet
 
 INGEST_SCHEMA = pa.schema([
@@ -126,15 +125,6 @@ def with_truth(decisions: pa.Table, truth: list[dict]) -> list[dict]:
 
 
 # -- fixtures -------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def ray_session():
-    import ray
-
-    init_ray(RayConfig(num_cpus=2))
-    yield
-    ray.shutdown()
-
-
 @pytest.fixture(scope="module")
 def clip_dir(request, tmp_path_factory) -> pathlib.Path:
     """A private copy of the cached tiny CLIP (a test deletes it to prove selection never loads it)."""

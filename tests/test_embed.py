@@ -20,7 +20,6 @@ from imagen_core.text_encoder import TextEncoderConfig, build_text_encoder
 from pipelines import demo_corpus as dc
 from pipelines.curate import ActorPoolConfig
 from pipelines.embed import EmbedConfig, embed, read_embeddings, storage_stats
-from pipelines.ray_env import RayConfig, init_ray
 from pipelines.step import StepDir, atomic_write_parquet
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -47,15 +46,6 @@ def write_curated_like(root: pathlib.Path, shards: int, rows_per_shard: int, see
         step.mark_done(ids[-1], {"rows": rows_per_shard})
     step.finish(ids)
     return root
-
-
-@pytest.fixture(scope="module")
-def ray_session():
-    import ray
-
-    init_ray(RayConfig(num_cpus=2))
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -13,21 +13,11 @@ from test_curate import (DEMO_SELECT, STAND_IN_SAFE, STAND_IN_UNSAFE, clip_cache
 
 from pipelines.clip_model import TINY_CLIP_NAME, Clip, ClipConfig
 from pipelines.curate import FILTER_ORDER, ActorPoolConfig, CurateConfig, ScoreConfig, curate, read_decisions
-from pipelines.ray_env import RayConfig, init_ray
 from pipelines.report import report
 from pipelines.search import search
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY_T5 = str(REPO / "tests" / "assets" / "tiny-t5")
-
-
-@pytest.fixture(scope="module")
-def ray_session():
-    import ray
-
-    init_ray(RayConfig(num_cpus=2))
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -46,17 +46,6 @@ RESUME_TOLERANCE = 1e-6
 
 
 @pytest.fixture(scope="module")
-def ray_session():
-    import ray
-
-    from pipelines.ray_env import RayConfig, init_ray
-
-    init_ray(RayConfig(num_cpus=2))
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> pathlib.Path:
     directory = tmp_path_factory.mktemp("embed")
     write_embed_shards(directory, 96)
