@@ -362,10 +362,16 @@ def test_kill9_recovers_from_the_last_valid_checkpoint(fitted, tmp_path) -> None
     ledger_file = tmp_path / "ledger" / "rank1.jsonl"
 
     def registered() -> list[str]:
+        # Ray Train rewrites its snapshot in place (not atomically): a read can see it empty or half written.
         snapshot = run_dir / "checkpoint_manager_snapshot.json"
-        if not snapshot.exists():
-            return []
-        return sorted(r["checkpoint_dir_name"] for r in json.loads(snapshot.read_text())["checkpoint_results"])
+        for _ in range(100):
+            if not snapshot.exists():
+                return []
+            try:
+                return sorted(r["checkpoint_dir_name"] for r in json.loads(snapshot.read_text())["checkpoint_results"])
+            except json.JSONDecodeError:
+                time.sleep(0.01)
+        raise AssertionError(f"{snapshot} stayed unreadable for 1 s")
 
     def past_step_8() -> bool:
         done = len(ledger_file.read_text().splitlines()) if ledger_file.exists() else 0
