@@ -95,7 +95,8 @@ def bench_config(data: Path, out: Path, zero: int, steps: int, workers: int, mic
     cpus = max(0.5, min(1.0, ((os.cpu_count() or 2) - 1) / workers))
     return TrainConfig(
         stage=stage_demo_base(), output_dir=str(out), run_name=f"bench-zero{zero}", total_steps=steps,
-        data=DataConfig(paths=(str(data),), val_fraction=0.05, val_max_samples=16, ledger=True),
+        # As the demo trains: the small training split decoded once into the object store (materialize).
+        data=DataConfig(paths=(str(data),), val_fraction=0.05, val_max_samples=16, ledger=True, materialize=True),
         optim=OptimConfig(kind="adamw", lr=5e-4), schedule=ScheduleConfig(warmup_steps=1),
         checkpoint=CheckpointConfig(every_steps=steps, num_to_keep=2),
         tracking=TrackingConfig(log_every=max(1, steps // 3), val_every=steps, sample_every=steps, sample_steps=2,
@@ -148,7 +149,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--memory-steps", type=int, default=4)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--micro-batch", type=int, default=8)
+    parser.add_argument("--micro-batch", type=int, default=16)  # the demo's
     parser.add_argument("--rows", type=int, default=512)
     parser.add_argument("--out", default="/tmp/bench_train")
     args = parser.parse_args()

@@ -16,9 +16,10 @@ from torch import nn
 from imagen_core.diffusion.augmentation import noise_augment, sample_aug_levels
 from imagen_core.diffusion.guidance import apply_guidance, drop_condition_mask
 from imagen_core.diffusion.objective import Prediction, diffusion_loss, training_target, x0_from_output
+from imagen_core.diffusion.residual import from_residual, to_residual, upsample_lowres
 from imagen_core.diffusion.samplers import SamplerConfig, sample
 from imagen_core.diffusion.schedule import ScheduleConfig, alpha_sigma, logsnr_schedule
-from imagen_core.diffusion.thresholding import dynamic_threshold
+from imagen_core.diffusion.thresholding import dynamic_threshold, static_threshold
 from imagen_core.text_encoder import TextEncoderConfig
 from imagen_core.unet import EfficientUNet, UNetConfig
 
@@ -45,12 +46,16 @@ class StageConfig:
     """Noise-conditioning augmentation: levels drawn uniformly per sample in [0, this] in training."""
     sample_aug_level: float = 0.2
     """Noise-conditioning augmentation level at sampling (paper: 0.1-0.3 looks best, 0 gives best FID)."""
+    residual_scale: float | None = None
+    """Super-resolution only: None diffuses the image (Imagen); a number diffuses (x - bicubic(lowres)) * it
+    (SRDiff, diffusion/residual.py)."""
     sampler: SamplerConfig = SamplerConfig()
     """Default sampler for this stage (DDIM, 50 steps)."""
     guidance_scale: float = 7.5
     """Default classifier-free guidance scale at sampling (1.0 = plain conditional)."""
-    threshold_percentile: float = 0.995
-    """Dynamic thresholding percentile (paper: 99.5%; imagen-pytorch's 0.95 is a known deviation)."""
+    threshold_percentile: float | None = 0.995
+    """Dynamic thresholding percentile (paper: 99.5%; imagen-pytorch's 0.95 is a known deviation); None clips
+    to [-1, 1] (static thresholding, the paper's baseline)."""
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.cond_drop_prob < 1.0:
@@ -62,7 +67,12 @@ class StageConfig:
             )
         if self.lowres_size is not None and self.lowres_size >= self.unet.image_size:
             raise ValueError(f"stage {self.name!r}: lowres_size {self.lowres_size} must be below image_size {self.unet.image_size}")
-        if not 0.0 < self.threshold_percentile <= 1.0:
+        if self.residual_scale is not None and (self.lowres_size is None or not self.residual_scale > 0):
+            raise ValueError(
+                f"stage {self.name!r}: residual_scale={self.residual_scale} needs a super-resolution stage "
+                "(lowres_size set) and a positive scale; use None to diffuse the image itself"
+            )
+        if self.threshold_percentile is not None and not 0.0 < self.threshold_percentile <= 1.0:
             raise ValueError(f"threshold_percentile must be in (0, 1], got {self.threshold_percentile}")
 
     @property
@@ -122,15 +132,24 @@ class DiffusionStage(nn.Module):
         lowres: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        """Per-sample training loss (B,), Imagen Sec 2.1: noise at a random time, predict eps (or v)."""
+        """Per-sample training loss (B,), Imagen Sec 2.1: noise at a random time, predict eps (or v).
+
+        A super-resolution stage takes `lowres` (default: `images` downsampled) and draws a noise-conditioning
+        augmentation level per sample (not one level per batch).
+        """
         cfg = self.config
         batch, device = images.shape[0], images.device
         t = torch.rand(batch, device=device, generator=generator)
         eps = torch.randn(images.shape, device=device, generator=generator, dtype=images.dtype)
         drop = drop_condition_mask(batch, cfg.cond_drop_prob, generator=generator, device=device)
         text_embeds, text_mask = drop_condition(text_embeds, text_mask, drop)
-        lowres_noised, lowres_logsnr = self._augment_lowres(images, lowres, generator)
-        return self.loss_at(images, text_embeds, text_mask, t, eps, lowres_noised, lowres_logsnr)
+        aug_level = aug_eps = None
+        if cfg.is_super_resolution:
+            if lowres is None:
+                lowres = resize_lowres(images, cfg.lowres_size)
+            aug_level = sample_aug_levels(batch, generator=generator, max_level=cfg.train_max_aug_level, device=device)
+            aug_eps = torch.randn(lowres.shape, device=device, generator=generator, dtype=lowres.dtype)
+        return self.loss_at(images, text_embeds, text_mask, t, eps, lowres, aug_level, aug_eps)
 
     def loss_at(
         self,
@@ -140,30 +159,28 @@ class DiffusionStage(nn.Module):
         t: torch.Tensor,
         eps: torch.Tensor,
         lowres: torch.Tensor | None = None,
-        lowres_logsnr: torch.Tensor | None = None,
+        aug_level: torch.Tensor | None = None,
+        aug_eps: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Per-sample loss (B,) at given times and noise, as given (no condition dropping, no augmentation).
+        """Per-sample loss (B,) at given times and noise, as given (no condition dropping).
 
-        `forward` draws t, eps and the augmented low-res image at random; validation fixes them.
+        A super-resolution stage also takes the clean `lowres` image, which is noised at `aug_level` (B,) with
+        `aug_eps` (lowres's shape) before the network sees it. `forward` draws all of these at random; validation
+        fixes them.
         """
-        logsnr = logsnr_schedule(t, self.config.schedule)
+        cfg = self.config
+        lowres_noised = lowres_logsnr = None
+        if cfg.is_super_resolution:
+            if lowres is None or aug_level is None or aug_eps is None:
+                raise ValueError(f"stage {cfg.name!r} is super-resolution: give lowres, aug_level and aug_eps")
+            lowres_noised, lowres_logsnr = noise_augment(lowres, aug_level, cfg.schedule, eps=aug_eps)
+            if cfg.residual_scale is not None:
+                images = to_residual(images, upsample_lowres(lowres, cfg.image_size), cfg.residual_scale)
+        logsnr = logsnr_schedule(t, cfg.schedule)
         alpha, sigma = alpha_sigma(logsnr)
         x_t = alpha.view(-1, 1, 1, 1) * images + sigma.view(-1, 1, 1, 1) * eps
-        output = self.unet(x_t, logsnr, text_embeds, text_mask, lowres=lowres, lowres_logsnr=lowres_logsnr)
-        return diffusion_loss(output, training_target(images, eps, alpha, sigma, self.config.prediction))
-
-    def _augment_lowres(
-        self, images: torch.Tensor, lowres: torch.Tensor | None, generator: torch.Generator | None
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Noise-conditioning augmentation with a random level per sample (not one level per batch)."""
-        if not self.config.is_super_resolution:
-            return None, None
-        if lowres is None:
-            lowres = resize_lowres(images, self.config.lowres_size)
-        levels = sample_aug_levels(
-            images.shape[0], generator=generator, max_level=self.config.train_max_aug_level, device=images.device
-        )
-        return noise_augment(lowres, levels, self.config.schedule, generator=generator)
+        output = self.unet(x_t, logsnr, text_embeds, text_mask, lowres=lowres_noised, lowres_logsnr=lowres_logsnr)
+        return diffusion_loss(output, training_target(images, eps, alpha, sigma, cfg.prediction))
 
     def x0_fn(
         self,
@@ -172,9 +189,16 @@ class DiffusionStage(nn.Module):
         guidance_scale: float,
         lowres: torch.Tensor | None = None,
         lowres_logsnr: torch.Tensor | None = None,
+        upsampled: torch.Tensor | None = None,
     ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-        """The x0-predictor a sampler drives: network, classifier-free guidance, dynamic thresholding."""
+        """The x0-predictor a sampler drives: network, classifier-free guidance, thresholding.
+
+        `lowres` is the noise-augmented conditioning image. A residual stage also takes `upsampled`, the bicubic
+        upsample of the clean one: its x0 lives in residual space and is thresholded as the image it stands for.
+        """
         cfg = self.config
+        if (upsampled is None) != (cfg.residual_scale is None):
+            raise ValueError(f"stage {cfg.name!r}: pass `upsampled` exactly when residual_scale is set")
         null_embeds, null_mask = null_condition(text_embeds, text_mask)
         guided = guidance_scale != 1.0
         embeds = torch.cat([text_embeds, null_embeds]) if guided else text_embeds
@@ -190,9 +214,16 @@ class DiffusionStage(nn.Module):
             else:
                 output = self.unet(x_t, logsnr, embeds, mask, lowres, lowres_logsnr)
             x0 = x0_from_output(output, x_t, alpha.view(-1, 1, 1, 1), sigma.view(-1, 1, 1, 1), cfg.prediction)
-            return dynamic_threshold(x0, cfg.threshold_percentile)
+            if upsampled is None:
+                return self._threshold(x0)
+            image = self._threshold(from_residual(x0, upsampled, cfg.residual_scale))
+            return to_residual(image, upsampled, cfg.residual_scale)
 
         return predict_x0
+
+    def _threshold(self, x0: torch.Tensor) -> torch.Tensor:
+        percentile = self.config.threshold_percentile
+        return static_threshold(x0) if percentile is None else dynamic_threshold(x0, percentile)
 
     @torch.no_grad()
     def sample(
@@ -211,7 +242,7 @@ class DiffusionStage(nn.Module):
         """Images in [-1, 1] for a batch of text conditions (and low-resolution images for SR stages)."""
         cfg = self.config
         batch = text_embeds.shape[0]
-        lowres_noised = lowres_logsnr = None
+        lowres_noised = lowres_logsnr = upsampled = None
         if cfg.is_super_resolution:
             if lowres is None:
                 raise ValueError(f"stage {cfg.name!r} is super-resolution: give `lowres` images of size {cfg.lowres_size}")
@@ -220,15 +251,19 @@ class DiffusionStage(nn.Module):
             level = cfg.sample_aug_level if aug_level is None else aug_level
             levels = torch.full((batch,), level, device=lowres.device)
             lowres_noised, lowres_logsnr = noise_augment(lowres, levels, cfg.schedule, generator=generator)
+            if cfg.residual_scale is not None:
+                upsampled = upsample_lowres(lowres, cfg.image_size)
         x0_fn = self.x0_fn(
             text_embeds,
             text_mask,
             cfg.guidance_scale if guidance_scale is None else guidance_scale,
             lowres_noised,
             lowres_logsnr,
+            upsampled,
         )
         shape = (batch, cfg.unet.out_channels, cfg.image_size, cfg.image_size)
         device = text_embeds.device
-        return sample(
+        x0 = sample(
             x0_fn, shape, cfg.schedule, sampler or cfg.sampler, generator, x_T=x_T, progress=progress, device=device
         )
+        return x0 if upsampled is None else from_residual(x0, upsampled, cfg.residual_scale)

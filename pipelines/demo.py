@@ -57,7 +57,7 @@ class DemoConfig:
     """DeepSpeed ZeRO stage of both stages."""
     base_lr: float = 2e-3
     """Peak learning rate of the base stage (small nets, few steps: higher than the paper's 1e-4)."""
-    sr_lr: float = 1e-3
+    sr_lr: float = 2e-3
     """Peak learning rate of the super-resolution stage."""
     ema_decay: float = 0.99
     """EMA decay per step (a horizon of ~100 steps: the paper's 0.9999 would average a 500-step run's start)."""

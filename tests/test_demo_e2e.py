@@ -34,12 +34,12 @@ def test_demo_learns_end_to_end_and_resumes(tmp_path):
     assert (tmp_path / "demo" / "samples.png").stat().st_size > 0
 
     # Learning: the champion cascade's samples for 16 prompts unseen in training show the prompted background
-    # far above chance, and the SR stage's output is far nearer the ground truth than a sample that ignored
-    # its low-resolution input (~10 dB here).
+    # far above chance, and the SR stage's output of held-out images is nearer the ground truth than bicubic
+    # upsampling of the same low-resolution input.
     assert samples["prompts"] == 16
     assert samples["cascade_background_accuracy"] >= 5 * CHANCE_BACKGROUND
     assert samples["cascade_colour_accuracy"] >= 0.1
-    assert sr["psnr"] >= 18.0
+    assert sr["psnr"] > sr["psnr_bicubic"]
 
     # A second run finds every step finished and redoes nothing.
     again = run_demo(config)

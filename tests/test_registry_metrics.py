@@ -135,11 +135,12 @@ def test_psnr_against_hand_computed_values_and_bicubic_baseline():
 
     import torch
 
-    from pipelines.registry.evaluate import bicubic_upsample, psnr
+    from imagen_core.diffusion.residual import upsample_lowres
+    from pipelines.registry.evaluate import psnr
 
     reference = torch.zeros(2, 3, 4, 4)
     noisy = reference + 0.1  # mse 0.01 on a peak-to-peak range of 2: 10 log10(4 / 0.01) = 26.02 dB
     assert math.isclose(psnr(noisy, reference), 10 * math.log10(400), rel_tol=1e-6)
     smooth = torch.linspace(-1, 1, 16).view(1, 1, 1, 16).expand(1, 3, 16, 16)
-    up = bicubic_upsample(torch.nn.functional.avg_pool2d(smooth, 2), 16)
+    up = upsample_lowres(torch.nn.functional.avg_pool2d(smooth, 2), 16)
     assert up.shape == smooth.shape and psnr(up, smooth) > 30  # a linear ramp survives bicubic upsampling

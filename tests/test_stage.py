@@ -91,6 +91,68 @@ def test_sr_stage_trains_and_samples_at_its_size():
     assert out.shape == (2, 3, 32, 32)
 
 
+def test_residual_sr_stage_diffuses_the_difference_from_bicubic():
+    """residual_scale: the loss is the image objective on (x - bicubic(lowres)) * scale; the x0 an untrained
+    net gives at high noise is the bicubic upsample; samples come back as images in [-1, 1]."""
+    import dataclasses
+
+    from imagen_core.diffusion.residual import from_residual, to_residual, upsample_lowres
+    from imagen_core.diffusion.schedule import logsnr_schedule
+    from imagen_core.stage import resize_lowres
+
+    torch.manual_seed(0)
+    plain = stage_tiny_sr()
+    config = dataclasses.replace(plain, residual_scale=10.0)
+    stage = DiffusionStage(config)
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    lowres = resize_lowres(images, 16)
+    upsampled = upsample_lowres(lowres, 32)
+    torch.testing.assert_close(from_residual(to_residual(images, upsampled, 10.0), upsampled, 10.0), images)
+    embeds, mask = torch.randn(2, 4, 64), torch.ones(2, 4, dtype=torch.bool)
+    t, eps, aug_level, aug_eps = torch.full((2,), 0.5), torch.randn(2, 3, 32, 32), torch.zeros(2), torch.randn(2, 3, 16, 16)
+    as_image_stage = DiffusionStage(plain)
+    as_image_stage.load_state_dict(stage.state_dict())
+    torch.testing.assert_close(
+        stage.loss_at(images, embeds, mask, t, eps, lowres, aug_level, aug_eps),
+        as_image_stage.loss_at(to_residual(images, upsampled, 10.0), embeds, mask, t, eps, lowres, aug_level, aug_eps),
+    )
+    with pytest.raises(ValueError, match="give lowres, aug_level and aug_eps"):
+        stage.loss_at(images, embeds, mask, t, eps)
+
+    logsnr = logsnr_schedule(torch.full((2,), 1.0), config.schedule)
+    x0_fn = stage.x0_fn(embeds, mask, 1.0, lowres, torch.zeros(2), upsampled)
+    x0 = from_residual(x0_fn(torch.randn(2, 3, 32, 32), logsnr), upsampled, 10.0)
+    assert (x0 - upsampled).abs().max().item() < 0.01  # zero-init output: v = 0, so x0 = alpha * x_t / scale
+    with pytest.raises(ValueError, match="upsampled"):
+        stage.x0_fn(embeds, mask, 1.0, lowres, torch.zeros(2))
+    out = stage.sample(embeds, mask, lowres=lowres, sampler=SamplerConfig(steps=3), generator=torch.Generator().manual_seed(0))
+    assert out.shape == (2, 3, 32, 32) and out.abs().max().item() <= 1.0
+
+    with pytest.raises(ValueError, match="residual_scale"):
+        dataclasses.replace(stage_tiny_base(), residual_scale=10.0)
+    with pytest.raises(ValueError, match="residual_scale"):
+        dataclasses.replace(plain, residual_scale=0.0)
+
+
+def test_threshold_percentile_none_clips_instead_of_rescaling():
+    """Dynamic thresholding divides a whole sample by its percentile when that exceeds 1; None only clips."""
+    import dataclasses
+
+    from imagen_core.diffusion.schedule import alpha_sigma, logsnr_schedule
+
+    torch.manual_seed(0)
+    embeds, mask = torch.randn(1, 4, 64), torch.ones(1, 4, dtype=torch.bool)
+    logsnr = logsnr_schedule(torch.zeros(1), stage_tiny_base().schedule)
+    alpha, _ = alpha_sigma(logsnr)
+    x_t = torch.full((1, 3, 32, 32), 0.5)
+    x_t[..., :4, :] = 1.5  # 12.5% of pixels out of range: the 99.5th percentile is 1.5 * alpha
+    for percentile, inside in ((0.995, 0.5 / 1.5), (None, 0.5 * alpha.item())):
+        stage = DiffusionStage(dataclasses.replace(stage_tiny_base(), threshold_percentile=percentile))
+        x0 = stage.x0_fn(embeds, mask, 1.0)(x_t, logsnr)  # zero-init output (v = 0): x0 = alpha * x_t
+        assert x0[..., 8:, :].sub(inside).abs().max().item() < 1e-5
+        assert x0.max().item() == pytest.approx(1.0)
+
+
 def test_cascade_chains_stages_deterministically(assets_dir):
     torch.manual_seed(0)
     cascade = Cascade.from_stages([DiffusionStage(stage_tiny_base()), DiffusionStage(stage_tiny_sr())])

@@ -33,8 +33,11 @@ def noise_augment(
     aug_level: torch.Tensor,
     schedule_config: ScheduleConfig,
     generator: torch.Generator | None = None,
+    eps: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(alpha * lowres + sigma * eps, aug_logsnr) with aug_logsnr = logsnr_schedule(aug_level) per sample.
+
+    eps is drawn from `generator` unless given (validation fixes it per sample).
 
     aug_level 0 means the schedule's t=0, which is nearly but not exactly clean: the cosine schedule gives
     logsnr 8.77 (sigma 0.0125) there and the linear one 9.21 (sigma 0.0100). That keeps level 0 at sampling the
@@ -46,6 +49,9 @@ def noise_augment(
         )
     aug_logsnr = logsnr_schedule(aug_level.to(lowres.device, torch.float32), schedule_config)
     alpha, sigma = alpha_sigma(aug_logsnr)
-    eps = torch.randn(lowres.shape, generator=generator, device=lowres.device, dtype=lowres.dtype)
+    if eps is None:
+        eps = torch.randn(lowres.shape, generator=generator, device=lowres.device, dtype=lowres.dtype)
+    elif eps.shape != lowres.shape:
+        raise ValueError(f"eps must have the shape of lowres {tuple(lowres.shape)}, got {tuple(eps.shape)}")
     noised = expand_like(alpha, lowres) * lowres + expand_like(sigma, lowres) * eps
     return noised.to(lowres.dtype), aug_logsnr

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import mlflow
 import torch
 
-from imagen_core.diffusion.augmentation import noise_augment
+from imagen_core.diffusion.residual import upsample_lowres
 from imagen_core.diffusion.samplers import SamplerConfig
 from imagen_core.stage import DiffusionStage, resize_lowres
 from imagen_core.text_encoder import TextEncoder, build_text_encoder
@@ -127,14 +127,15 @@ def heldout_val_loss(stage: DiffusionStage, encoder: TextEncoder, heldout: HeldO
         x0 = images[part].to(device)
         embeds, mask = encoder.encode(list(heldout.captions[part]))
         embeds, mask = embeds.to(device), mask.to(device)
-        lowres = lowres_logsnr = None
+        lowres = aug_level = aug_eps = None
         if cfg.is_super_resolution:
-            levels = torch.full((x0.shape[0],), cfg.sample_aug_level, device=device)
-            lowres, lowres_logsnr = noise_augment(resize_lowres(x0, cfg.lowres_size), levels, cfg.schedule, generator)
+            lowres = resize_lowres(x0, cfg.lowres_size)
+            aug_level = torch.full((x0.shape[0],), cfg.sample_aug_level, device=device)
+            aug_eps = torch.randn(lowres.shape, generator=generator, device=device)
         for k in range(config.val_loss_timesteps):
             t = torch.full((x0.shape[0],), (k + 0.5) / config.val_loss_timesteps, device=device)
             eps = torch.randn(x0.shape, generator=generator, device=device)
-            total += float(stage.loss_at(x0, embeds, mask, t, eps, lowres, lowres_logsnr).sum())
+            total += float(stage.loss_at(x0, embeds, mask, t, eps, lowres, aug_level, aug_eps).sum())
             count += x0.shape[0]
     return total / count
 
@@ -160,11 +161,6 @@ def psnr(images: torch.Tensor, reference: torch.Tensor) -> float:
     """Mean PSNR in dB of images in [-1, 1] against the reference (peak-to-peak range 2)."""
     mse = (images.clamp(-1, 1) - reference).square().flatten(1).mean(1).clamp_min(1e-10)
     return float((10.0 * torch.log10(4.0 / mse)).mean())
-
-
-def bicubic_upsample(lowres: torch.Tensor, size: int) -> torch.Tensor:
-    """The baseline a super-resolution stage must beat."""
-    return torch.nn.functional.interpolate(lowres, size=(size, size), mode="bicubic", align_corners=False).clamp(-1, 1)
 
 
 def clip_score(clip: Clip, images: torch.Tensor, prompts: Sequence[str]) -> float:
@@ -214,7 +210,7 @@ def compute_metrics(
     if lowres is not None and heldout is not None:
         truth = resize_lowres(heldout.images[: samples.shape[0]], stage.config.image_size)
         metrics["psnr"] = psnr(samples, truth)
-        metrics["psnr_bicubic"] = psnr(bicubic_upsample(lowres, stage.config.image_size), truth)
+        metrics["psnr_bicubic"] = psnr(upsample_lowres(lowres, stage.config.image_size), truth)
     if config.clip is not None:
         metrics["clip_score"] = clip_score(Clip(config.clip), samples, prompts)
     if config.colour_accuracy:

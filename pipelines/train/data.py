@@ -112,11 +112,16 @@ def decode_image(data: bytes, size: int) -> np.ndarray:
         return np.asarray(image.crop((left, top, left + size, top + size)), dtype=np.uint8)
 
 
-def downsample(image: np.ndarray, size: int) -> np.ndarray:
-    """The low-resolution conditioning image of an SR stage, from the same crop (PIL resize antialiases)."""
-    from PIL import Image
+def downsample(images: np.ndarray, size: int) -> np.ndarray:
+    """The low-resolution conditioning images (B, size, size, 3) uint8 of an SR stage, from the same crops.
 
-    return np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BICUBIC), dtype=np.uint8)
+    The stage's own `resize_lowres`, so that training sees the degradation evaluation and the cascade apply.
+    """
+    from imagen_core.stage import resize_lowres
+
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float()
+    low = resize_lowres(x, size).round().clamp(0, 255).to(torch.uint8)
+    return low.permute(0, 2, 3, 1).contiguous().numpy()
 
 
 class DecodeImages:
@@ -135,8 +140,7 @@ class DecodeImages:
             "image": np.stack(images) if images else np.zeros((0, self.image_size, self.image_size, 3), np.uint8),
         }
         if self.lowres_size is not None:
-            lows = [downsample(im, self.lowres_size) for im in images]
-            out["lowres"] = np.stack(lows) if lows else np.zeros((0, self.lowres_size, self.lowres_size, 3), np.uint8)
+            out["lowres"] = downsample(out["image"], self.lowres_size)
         return out
 
 

@@ -14,7 +14,7 @@ import io
 import numpy as np
 import torch
 
-from imagen_core.diffusion import SamplerConfig, alpha_sigma, logsnr_schedule
+from imagen_core.diffusion import SamplerConfig
 from imagen_core.stage import DiffusionStage
 from pipelines.train.data import Batch
 
@@ -39,17 +39,16 @@ def validation_loss(module: DiffusionStage, batches: list[Batch], *, timesteps: 
         batch = batch.to(device, torch.float32)
         images = batch.images
         eps = _per_sample_normal(batch.keys, tuple(images.shape[1:]), seed).to(device)
-        lowres = lowres_logsnr = None
+        aug_level = aug_eps = None
         if cfg.is_super_resolution:
             # Augmentation noise from a second per-key stream; the level is the stage's sampling level.
             aug_eps = _per_sample_normal(batch.keys, tuple(batch.lowres.shape[1:]), seed + 1).to(device)
-            levels = torch.full((len(batch),), cfg.sample_aug_level, device=device)
-            lowres_logsnr = logsnr_schedule(levels, cfg.schedule)
-            a, s = alpha_sigma(lowres_logsnr)
-            lowres = a.view(-1, 1, 1, 1) * batch.lowres + s.view(-1, 1, 1, 1) * aug_eps
+            aug_level = torch.full((len(batch),), cfg.sample_aug_level, device=device)
         for k in range(timesteps):
             t = torch.full((len(batch),), (k + 0.5) / timesteps, device=device)
-            losses = module.loss_at(images, batch.text_embeds, batch.text_mask, t, eps, lowres, lowres_logsnr)
+            losses = module.loss_at(
+                images, batch.text_embeds, batch.text_mask, t, eps, batch.lowres, aug_level, aug_eps
+            )
             total += float(losses.sum())
             count += len(batch)
     return total / count if count else float("nan")
