@@ -15,9 +15,8 @@ import random
 import time
 from typing import Any
 
-from pipelines.ray_env import RayConfig, init_ray
-
 from pipelines.curate import ClipScoreFilter, NearDupFilter, SelectConfig, SizeFilter, UnsafeFilter
+from pipelines.ray_env import RayConfig, init_ray
 
 log = logging.getLogger("imagen.demo")
 

@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 import torch
 
 from imagen_core.text_encoder import TextEncoderConfig
-from pipelines.curate import ActorPoolConfig, finished_manifest, map_shards_on_actor_pool, shard_ids_of, shard_path
+from pipelines.step import ActorPoolConfig, finished_manifest, map_shards_on_actor_pool, shard_ids_of, shard_path
 from pipelines.step import StepDir, atomic_write_parquet
 
 EMBED_DIM_KEY = b"text_embed_dim"

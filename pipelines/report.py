@@ -21,7 +21,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFont
 
-from pipelines.curate import FILTER_ORDER, KEEP, finished_manifest, read_decisions, shard_ids_of, shard_path
+from pipelines.curate import FILTER_ORDER, KEEP, read_decisions
+from pipelines.step import finished_manifest, shard_ids_of, shard_path
 from pipelines.step import atomic_write_bytes, atomic_write_json
 
 

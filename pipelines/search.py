@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines.clip_model import Clip, ClipConfig
-from pipelines.curate import finished_manifest, shard_ids_of, shard_path
+from pipelines.step import finished_manifest, shard_ids_of, shard_path
 from pipelines.report import Cell, contact_sheet, save_png
 
 INDEX_COLUMNS = ["key", "caption", "clip_score", "clip_image_embedding"]

@@ -209,3 +209,68 @@ def run_shards(
             f"rerun to retry only these):\n{lines}"
         )
     return results
+
+
+# -- shards of finished steps, and Ray Data actor pools over them -----------------------------------------
+@dataclasses.dataclass(kw_only=True, frozen=True)
+class ActorPoolConfig:
+    """Ray resources of a model-running step (not part of any step key: they never change outputs)."""
+
+    size: int = 2
+    """Actors in the pool, each holding one model copy."""
+    num_cpus: float = 0.5
+    """CPUs reserved per actor. Fractional on purpose: 2 actors x 1 CPU on a 2-CPU Ray deadlocked
+    Ray Data (STACK_NOTES), the driver's own tasks need room too."""
+    num_gpus: float = 0.0
+    """GPUs per actor (set with ClipConfig/TextEncoder device "cuda")."""
+    torch_threads: int = 1
+    """torch intra-op threads per actor; more actors, fewer threads each."""
+
+    def __post_init__(self) -> None:
+        if self.size < 1 or self.num_cpus <= 0 or self.num_gpus < 0 or self.torch_threads < 1:
+            raise ValueError(
+                f"ActorPoolConfig needs size >= 1, num_cpus > 0, num_gpus >= 0, torch_threads >= 1: {self}")
+
+
+def finished_manifest(step_dir: str | pathlib.Path, what: str) -> dict[str, Any]:
+    """The manifest of a finished upstream step, or a clear error saying to run it first."""
+    path = pathlib.Path(step_dir) / "manifest.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{what} at {step_dir} has not finished (no manifest.json): run {what} first")
+    return json.loads(path.read_text())
+
+
+def shard_ids_of(manifest: dict[str, Any]) -> list[str]:
+    return [s["shard_id"] for s in manifest["shards"]]
+
+
+def shard_path(step_dir: str | pathlib.Path, shard_id: str, sub: str = "shards") -> pathlib.Path:
+    return pathlib.Path(step_dir) / sub / f"{shard_id}.parquet"
+
+
+def map_shards_on_actor_pool(actor_cls: type, constructor_kwargs: dict[str, Any], shard_ids: Sequence[str],
+                             pool: ActorPoolConfig) -> None:
+    """Run `actor_cls(**constructor_kwargs)(batch)` over shards, one shard per call, on an actor pool.
+
+    The shard is the unit of work (each call writes one output shard and its done record), so a
+    killed run resumes shard by shard. One shard id per block: Ray Data would otherwise pack the few
+    small items into one block and run them on one actor.
+    """
+    import ray
+
+    from pipelines.ray_env import init_ray
+
+    init_ray()
+    ds = ray.data.from_items([{"shard_id": s} for s in shard_ids]).repartition(len(shard_ids))
+    ds = ds.map_batches(
+        actor_cls,
+        fn_constructor_kwargs=constructor_kwargs,
+        batch_size=1,
+        compute=ray.data.ActorPoolStrategy(size=min(pool.size, len(shard_ids))),
+        num_cpus=pool.num_cpus,
+        num_gpus=pool.num_gpus or None,
+    )
+    done = {row["shard_id"] for row in ds.take_all()}
+    missing = set(shard_ids) - done
+    if missing:
+        raise RuntimeError(f"actor pool returned no result for shards {sorted(missing)}")

@@ -18,7 +18,7 @@ import torch
 
 from imagen_core.text_encoder import TextEncoderConfig, build_text_encoder
 from pipelines import demo_corpus as dc
-from pipelines.curate import ActorPoolConfig
+from pipelines.step import ActorPoolConfig
 from pipelines.embed import EmbedConfig, embed, read_embeddings, storage_stats
 from pipelines.step import StepDir, atomic_write_parquet
 
@@ -101,7 +101,7 @@ def test_rerun_does_nothing(embedded):
 KILLED_RUN = """
 import sys
 from imagen_core.text_encoder import TextEncoderConfig
-from pipelines.curate import ActorPoolConfig
+from pipelines.step import ActorPoolConfig
 from pipelines.embed import EmbedConfig, embed
 from pipelines.ray_env import RayConfig, init_ray
 init_ray(RayConfig(num_cpus=2))

@@ -12,7 +12,8 @@ from test_curate import (DEMO_SELECT, STAND_IN_SAFE, STAND_IN_UNSAFE, clip_cache
                          tiny_clip_checkpoint, with_truth, write_ingest_like)
 
 from pipelines.clip_model import TINY_CLIP_NAME, Clip, ClipConfig
-from pipelines.curate import FILTER_ORDER, ActorPoolConfig, CurateConfig, ScoreConfig, curate, read_decisions
+from pipelines.curate import FILTER_ORDER, CurateConfig, ScoreConfig, curate, read_decisions
+from pipelines.step import ActorPoolConfig
 from pipelines.report import report
 from pipelines.search import search
 
