@@ -37,6 +37,11 @@ def _demo(args: argparse.Namespace) -> Any:
     print(f"\nsamples for prompts unseen in training: {samples['grid']}\n"
           f"background colour right in {samples['cascade_background_accuracy']:.2f} of them, every named colour "
           f"shown in {samples['cascade_colour_accuracy']:.2f} (chance: about 1/13 for the background)")
+    for stage in summary["registry"]["shards"]:
+        metrics = stage["metrics"]
+        if "psnr" in metrics:
+            print(f"{stage['shard_id']} on held-out images: PSNR {metrics['psnr']:.1f} dB against the ground truth, "
+                  f"bicubic upsampling {metrics['psnr_bicubic']:.1f} dB")
     print(f"MLflow: mlflow ui --backend-store-uri {summary['mlflow']}")
     return summary
 

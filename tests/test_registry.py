@@ -168,6 +168,17 @@ def test_cascade_resolves_stages_by_alias_at_load(registry, stage_dirs):
     assert load_cascade("models:/casc@champion").image_size == 16
 
 
+def test_load_by_alias_with_an_explicit_tracking_uri_ignores_the_process_default(registry, stage_dirs, tmp_path):
+    """A fresh process (the demo's rerun, `imagen sample --tracking-uri`) has no MLflow URI set: loading with an
+    explicit one must resolve the registry there, not in whatever the process default points to."""
+    _register(stage_dirs["base"], "elsewhere", metrics=(("val_loss", 1.0),))
+    promote("elsewhere", "base", "val_loss")
+    register_cascade("elsewhere", CascadeSpec(stages=("base",)), RegisterConfig(experiment=EXPERIMENT))
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/empty.db")  # the process default is another, empty store
+    loaded = load_cascade("models:/elsewhere@champion", tracking_uri=registry)
+    assert loaded.sources == ["models:/elsewhere-base/1 (@champion)"]
+
+
 def test_unknown_alias_and_missing_metric_are_clear(registry, stage_dirs):
     with pytest.raises(LookupError, match=r"models:/nosuch-base@champion does not resolve.*list_stages"):
         load_registered_stage(ModelRef("nosuch-base", alias="champion"))

@@ -90,8 +90,11 @@ def download_version(version: Any, destination: str | os.PathLike, client: Any =
     import mlflow
 
     client = client or _client()
+    # Not through a models:/ URI: MLflow resolves those in the process-wide registry (mlflow 3.17 ignores the
+    # registry_uri argument there), so a process that never set one, as a rerun of the demo, would look in
+    # ./mlruns. The version's own artifact location comes from this client's registry.
     path = mlflow.artifacts.download_artifacts(
-        artifact_uri=f"models:/{version.name}/{version.version}",
+        artifact_uri=client.get_model_version_download_uri(version.name, version.version),
         dst_path=str(destination),
         tracking_uri=client.tracking_uri,
     )
