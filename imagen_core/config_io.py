@@ -73,3 +73,45 @@ def _convert(hint: Any, value: Any, where: str) -> Any:
 def to_dict(config: Any) -> dict[str, Any]:
     """Plain data for a config (what `build` reads back)."""
     return dataclasses.asdict(config)
+
+
+def load_file(path: str) -> dict[str, Any]:
+    """A config file as plain data: TOML (`.toml`) or JSON (`.json`); a syntax error names the file."""
+    import json
+    import tomllib
+
+    if not path.endswith((".toml", ".json")):
+        raise ConfigError(f"{path}: a config file is .toml or .json")
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f) if path.endswith(".toml") else json.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid {path.rsplit('.', 1)[1].upper()}: {exc}") from None
+
+
+def apply_override(data: dict[str, Any], assignment: str) -> dict[str, Any]:
+    """`data` with one `dotted.key=value` override (a command line's `--set`), the value read as a TOML value
+    (`3`, `1e-4`, `true`, `["a", "b"]`, `"text"`) or else taken as a bare string. Missing tables are created;
+    whether the key exists is checked when the config is built."""
+    import tomllib
+
+    path, sep, text = assignment.partition("=")
+    keys = path.strip().split(".")
+    if not sep or not all(keys):
+        raise ConfigError(f"--set {assignment!r}: expected dotted.key=value")
+    try:
+        value = tomllib.loads(f"value = {text}")["value"]
+    except tomllib.TOMLDecodeError:
+        value = text
+    out = dict(data)
+    node = out
+    for i, key in enumerate(keys[:-1]):
+        child = node.get(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {assignment!r}: {'.'.join(keys[:i + 1])} is {child!r}, not a table")
+        node[key] = dict(child)
+        node = node[key]
+    node[keys[-1]] = value
+    return out

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
@@ -254,6 +255,36 @@ def stage_recipe(name: str) -> StageConfig:
     if name not in STAGE_RECIPES:
         raise KeyError(f"unknown stage recipe {name!r}; choose one of {sorted(STAGE_RECIPES)}")
     return STAGE_RECIPES[name]()
+
+
+def stage_table(value: str | dict[str, Any]) -> dict[str, Any]:
+    """A config file's `stage`: a recipe name (`stage = "paper_base_2b"`), a table naming a recipe and overriding
+    some of its fields (`[stage] recipe = "paper_sr256_600m"` with `[stage.unet] dropout = 0.1`), or a whole
+    StageConfig table. Returns the whole table; nested tables of overrides merge into the recipe's."""
+    from imagen_core.config_io import ConfigError
+
+    if isinstance(value, str):
+        value = {"recipe": value}
+    if not isinstance(value, dict) or "recipe" not in value:
+        return value
+    name = value["recipe"]
+    if name not in STAGE_RECIPES:
+        raise ConfigError(f"stage.recipe: unknown recipe {name!r}; choose one of {sorted(STAGE_RECIPES)}")
+    return _merged(stage_recipe(name).to_dict(), {k: v for k, v in value.items() if k != "recipe"}, "stage")
+
+
+def _merged(base: dict[str, Any], overrides: dict[str, Any], where: str) -> dict[str, Any]:
+    from imagen_core.config_io import ConfigError
+
+    merged = dict(base)
+    for key, value in overrides.items():
+        if key not in base:
+            raise ConfigError(f"{where}: unknown key {key!r}; it takes {sorted(base)}")
+        if isinstance(value, dict) and isinstance(base[key], dict):
+            merged[key] = _merged(base[key], value, f"{where}.{key}")
+        else:
+            merged[key] = value
+    return merged
 
 
 def cascade_recipe(name: str) -> list[StageConfig]:

@@ -175,7 +175,7 @@ class DiffusionStage(nn.Module):
                 raise ValueError(f"stage {cfg.name!r} is super-resolution: give lowres, aug_level and aug_eps")
             lowres_noised, lowres_logsnr = noise_augment(lowres, aug_level, cfg.schedule, eps=aug_eps)
             if cfg.residual_scale is not None:
-                images = to_residual(images, upsample_lowres(lowres, cfg.image_size), cfg.residual_scale)
+                images = to_residual(images, upsample_lowres(lowres, images.shape[-1]), cfg.residual_scale)  # crops too
         logsnr = logsnr_schedule(t, cfg.schedule)
         alpha, sigma = alpha_sigma(logsnr)
         x_t = alpha.view(-1, 1, 1, 1) * images + sigma.view(-1, 1, 1, 1) * eps

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -20,6 +21,9 @@ USER_ERRORS = frozenset({
 
 
 def _print(result: Any) -> None:
+    """The command's result as JSON on stdout (a dataclass result as its fields)."""
+    if dataclasses.is_dataclass(result) and not isinstance(result, type):
+        result = dataclasses.asdict(result)
     print(json.dumps(result, indent=2, default=str))
 
 
@@ -42,7 +46,8 @@ def _demo(args: argparse.Namespace) -> Any:
         if "psnr" in metrics:
             print(f"{stage['shard_id']} on held-out images: PSNR {metrics['psnr']:.1f} dB against the ground truth, "
                   f"bicubic upsampling {metrics['psnr_bicubic']:.1f} dB")
-    print(f"MLflow: mlflow ui --backend-store-uri {summary['mlflow']}")
+    print(f"MLflow: run {summary['mlflow_run_id']} (a nested run per step); "
+          f"mlflow ui --backend-store-uri {summary['mlflow']}")
     return summary
 
 
@@ -106,21 +111,18 @@ def _report(args: argparse.Namespace) -> Any:
 
 # -- train --------------------------------------------------------------------------------------------------
 def _train(args: argparse.Namespace) -> Any:
-    from imagen_core.config_io import build
+    from imagen_core.config_io import load_file
     from pipelines.train.config import TrainConfig
     from pipelines.train.trainer import train_stage
 
-    with open(args.config, "rb") as f:
-        data = json.load(f) if args.config.endswith(".json") else __import__("tomllib").load(f)
-    if args.resume:
-        data["resume"] = True
-    return train_stage(build(TrainConfig, data), _ray(args))
+    overrides = [*args.set, *(["resume=true"] if args.resume else [])]
+    return train_stage(TrainConfig.from_dict(load_file(args.config), overrides), _ray(args))
 
 
 # -- registry and sampling ---------------------------------------------------------------------------------
 def _tracking(args: argparse.Namespace) -> None:
     """Check the tracking server in seconds, before anything loads (unreachable -> a clear error)."""
-    from pipelines.registry import configure_tracking
+    from pipelines.tracking import configure_tracking
 
     configure_tracking(args.tracking_uri)
 
@@ -299,7 +301,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_report)
 
     p = sub.add_parser("train", help="train one cascade stage with DeepSpeed on Ray Train")
-    p.add_argument("--config", required=True, help="TrainConfig as TOML or JSON (see README, config reference)")
+    p.add_argument("--config", required=True,
+                   help="TrainConfig as TOML or JSON; cluster/train/ has one per paper stage (README, config reference)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set data.paths='[\"s3://b/embed/shards\"]' "
+                        "--set scaling.num_workers=64 (TOML values; repeatable)")
     p.add_argument("--resume", action="store_true", help="continue the stored run from its latest checkpoint")
     _add_ray(p)
     p.set_defaults(run=_train)

@@ -3,7 +3,8 @@
 corpus -> ingest (img2dataset over HTTP) -> curate (a CLIP fitted offline) -> embed (tiny T5) -> train base and
 SR stages (DeepSpeed on Ray Train) -> evaluate, register and promote them in MLflow -> a sample grid for prompts
 unseen in training from the champion cascade loaded back by alias.
-Every step keeps its state on disk (pipelines/step.py), so a rerun skips what is finished.
+Every step keeps its state on disk (pipelines/step.py), so a rerun skips what is finished, and the run is recorded
+in MLflow as a parent run with a nested run per step (pipelines/workflow.py).
 """
 from __future__ import annotations
 
@@ -104,17 +105,17 @@ def _serve_corpus(config: DemoConfig) -> tuple[Any, Any]:
     return server, corpus_dir / "urls.parquet"
 
 
-def _fit_clip(config: DemoConfig) -> Any:
+def _fit_clip(config: DemoConfig) -> dict[str, Any]:
     """A tiny CLIP trained on separately generated pairs: the offline stand-in for a pretrained model."""
-    from pipelines.clip_model import ClipConfig, TinyClipFit, fit_tiny_clip
+    from pipelines.clip_model import TinyClipFit, fit_tiny_clip
     from pipelines.demo_corpus import random_scene, render
+    from pipelines.step import step_key
 
     rng = random.Random(config.seed + 10_000)  # other scenes than the corpus: like a model trained elsewhere
     scenes = [random_scene(rng) for _ in range(1024)]
-    checkpoint = fit_tiny_clip(
-        [render(s, 64) for s in scenes], [s.caption() for s in scenes], config.root / "clip", TinyClipFit(seed=config.seed)
-    )
-    return ClipConfig.tiny(checkpoint)
+    fit = TinyClipFit(seed=config.seed)
+    checkpoint = fit_tiny_clip([render(s, 64) for s in scenes], [s.caption() for s in scenes], config.root / "clip", fit)
+    return {"key": step_key("fit_clip", fit, []), "checkpoint": str(checkpoint)}
 
 
 def demo_text_encoder(clip: Any) -> Any:
@@ -133,8 +134,9 @@ def demo_text_encoder(clip: Any) -> Any:
 
 def _train(
     config: DemoConfig, recipe: str, steps: int, lr: float, embed_dir: pathlib.Path, ray_config: RayConfig,
-    text_encoder: Any,
-) -> Any:
+    text_encoder: Any, mlflow_tags: dict[str, str],
+) -> dict[str, Any]:
+    """Train one stage, or return the finished training's result (keyed by the config: a rerun skips the stage)."""
     from imagen_core.recipes import stage_recipe
     from pipelines.train.config import (
         CheckpointConfig,
@@ -173,15 +175,27 @@ def _train(
     # The finished run's result, keyed by its config, makes a rerun skip the stage (Ray Train would restart
     # the workers only to find the run at its last step).
     from pipelines.step import atomic_write_json, step_key
-    from pipelines.train.trainer import TrainResult
 
     key = step_key("train", dataclasses.replace(train, resume=False), [])
     done = output_dir / "result.json"
     if done.exists() and (saved := json.loads(done.read_text()))["key"] == key:
-        return TrainResult(**saved["result"])
-    result = train_stage(train, ray_config)
-    atomic_write_json(done, {"key": key, "result": dataclasses.asdict(result)})
+        return {**saved.pop("result", {}), **saved}  # a result.json of the earlier layout nests the fields
+    result = {"key": key, **dataclasses.asdict(train_stage(train, ray_config, mlflow_tags=mlflow_tags))}
+    atomic_write_json(done, result)
     return result
+
+
+def _report(config: DemoConfig, curated: dict[str, Any]) -> dict[str, Any]:
+    """The curation report, once per curation (report.json is written last by `report`)."""
+    from pipelines.report import report
+    from pipelines.step import step_key
+
+    key = step_key("report", {}, [curated["key"]])
+    written = config.root / "curate" / "report" / "report.json"
+    if written.exists():
+        return {"key": key, **json.loads(written.read_text())}
+    return {"key": key, **report(config.root / "curate", ingest_dir=config.root / "ingest",
+                                 tracking_uri=config.mlflow_uri, experiment="imagen-demo")}
 
 
 def _unseen_prompts(embed_dir: pathlib.Path, count: int, seed: int) -> list[str]:
@@ -233,10 +247,10 @@ def _register_and_promote(
     from pipelines.registry.evaluate import EvalConfig, evaluate_stage
     from pipelines.registry.promote import promote
     from pipelines.registry.register import CascadeSpec, RegisterConfig, register_cascade, register_stage
-    from pipelines.registry.tracking import configure_tracking
+    from pipelines.tracking import configure_tracking
     from pipelines.step import StepDir
 
-    weights = [read_manifest(r.export_dir)["files"]["model.safetensors"]["sha256"] for r in results.values()]
+    weights = [read_manifest(r["export_dir"])["files"]["model.safetensors"]["sha256"] for r in results.values()]
     step = StepDir.open(config.root / "registry", "register", {"name": MODEL_NAME, "uri": config.mlflow_uri}, weights)
     if (manifest := step.manifest()) is not None:
         return manifest
@@ -245,8 +259,8 @@ def _register_and_promote(
         if step.is_done(stage):  # registered and decided before an interruption: no second version
             continue
         version = register_stage(
-            result.export_dir, MODEL_NAME,
-            RegisterConfig(training_run_id=result.mlflow_run_id, dataset_manifest=str(config.root / "embed" / "manifest.json"),
+            result["export_dir"], MODEL_NAME,
+            RegisterConfig(training_run_id=result["mlflow_run_id"], dataset_manifest=str(config.root / "embed" / "manifest.json"),
                            experiment="imagen-demo"),
         )
         evaluation = evaluate_stage(
@@ -260,19 +274,19 @@ def _register_and_promote(
     return step.finish(list(results), model_uri=f"models:/{MODEL_NAME}@champion", cascade_version=cascade_version)
 
 
-def _sample_grid(config: DemoConfig, model_uri: str, prompts: list[str]) -> dict[str, Any]:
+def _sample_grid(config: DemoConfig, registry: dict[str, Any], prompts: list[str]) -> dict[str, Any]:
     """The registered champion cascade, loaded back by alias, sampled for prompts unseen in training; the grid
     and the colour checks of its output (pipelines/registry/colour.py) after the base and after the last stage."""
     from pipelines.registry import load_cascade
     from pipelines.registry.colour import background_accuracy, colour_accuracy
     from pipelines.registry.images import png_bytes
     from pipelines.report import Cell, contact_sheet, save_png
-    from pipelines.step import atomic_write_json
+    from pipelines.step import atomic_write_json, step_key
 
-    outputs = load_cascade(model_uri, tracking_uri=config.mlflow_uri).cascade.sample(prompts, seed=config.seed)
+    outputs = load_cascade(registry["model_uri"], tracking_uri=config.mlflow_uri).cascade.sample(prompts, seed=config.seed)
     cells = [Cell(image=png_bytes(img), lines=(prompt,)) for img, prompt in zip(outputs[-1], prompts)]
     grid = save_png(contact_sheet(cells, cell_px=128, cols=4), config.root / "samples.png")
-    checks = {"grid": str(grid), "prompts": len(prompts)}
+    checks = {"key": step_key("sample", prompts, [registry["key"]]), "grid": str(grid), "prompts": len(prompts)}
     for name, images in (("base", outputs[0]), ("cascade", outputs[-1])):
         checks[f"{name}_colour_accuracy"] = colour_accuracy(images, prompts)[0]
         checks[f"{name}_background_accuracy"] = background_accuracy(images, prompts)[0]
@@ -282,70 +296,61 @@ def _sample_grid(config: DemoConfig, model_uri: str, prompts: list[str]) -> dict
 
 def run_demo(config: DemoConfig) -> dict[str, Any]:
     """Run (or resume) the whole demo; returns a summary of every step."""
+    from pipelines.clip_model import ClipConfig
     from pipelines.curate import CurateConfig, ScoreConfig, curate
     from pipelines.embed import EmbedConfig, embed
     from pipelines.fetch_policy import FetchPolicyConfig
     from pipelines.ingest import IngestConfig, run_ingest
-    from pipelines.report import report
     from pipelines.url_lists import UrlListConfig
+    from pipelines.workflow import PipelineRun
 
     root = config.root
     root.mkdir(parents=True, exist_ok=True)
     ray_config = RayConfig(num_cpus=config.num_cpus)
-    timings: dict[str, float] = {}
-
-    def timed(name: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        started = time.monotonic()
-        log.info("step %s ...", name)
-        result = fn(*args, **kwargs)
-        timings[name] = round(time.monotonic() - started, 1)
-        log.info("step %s done in %.1fs", name, timings[name])
-        return result
-
-    server, url_list = _serve_corpus(config)
-    try:
-        init_ray(ray_config)
-        ingest = IngestConfig(
-            url_list=UrlListConfig(paths=(str(url_list),)),
-            output_dir=str(root / "ingest"),
-            rows_per_shard=160,
-            image_size=64,
-            policy=FetchPolicyConfig(allow_loopback=True),  # the corpus is served on 127.0.0.1
-        )
-        ingested = timed("ingest", run_ingest, ingest, ray_config)
-    finally:
-        server.stop()
-    clip = timed("fit_clip", _fit_clip, config)
-    curated = timed("curate", curate, root / "ingest", root / "curate", CurateConfig(score=ScoreConfig(clip=clip), select=DEMO_SELECT))
-    if not (root / "curate" / "report" / "report.json").exists():  # written last by report()
-        timed("report", report, root / "curate", ingest_dir=root / "ingest", tracking_uri=config.mlflow_uri,
-              experiment="imagen-demo")
-    text_encoder = demo_text_encoder(clip)
-    embedded = timed("embed", embed, root / "curate", root / "embed", EmbedConfig(text_encoder=text_encoder))
-    base = timed("train_base", _train, config, "demo_base", config.base_steps, config.base_lr, root / "embed",
-                 ray_config, text_encoder)
-    sr = timed("train_sr", _train, config, "demo_sr", config.sr_steps, config.sr_lr, root / "embed", ray_config,
-               text_encoder)
-    prompts = _unseen_prompts(root / "embed", 16, config.seed)
-    heldout = _export_heldout(root / "embed", root / "heldout")
-    registry = timed(
-        "register", _register_and_promote, config, {"base": base, "sr1": sr}, heldout, prompts
-    )
-    samples = timed("sample", _sample_grid, config, registry["model_uri"], prompts)
-    summary = {
-        "run_dir": str(root),
-        "ingest": {k: ingested.get(k) for k in ("input_rows", "downloaded", "failed", "by_status")},
-        "curate_funnel": curated.get("funnel"),
-        "embed": {k: v for k, v in embedded.items() if k != "shards"},
-        "train": {
-            "base": {"export": base.export_dir, "mlflow_run_id": base.mlflow_run_id, "metrics": base.metrics},
-            "sr1": {"export": sr.export_dir, "mlflow_run_id": sr.mlflow_run_id, "metrics": sr.metrics},
-        },
-        "registry": {k: registry[k] for k in ("model_uri", "cascade_version", "shards")},
-        "samples": samples,
-        "prompts": prompts,
-        "mlflow": config.mlflow_uri,
-        "timings_s": timings,
-    }
+    with PipelineRun(root, config.mlflow_uri, "imagen-demo", "demo", params=dataclasses.asdict(config)) as pipeline:
+        server, url_list = _serve_corpus(config)
+        try:
+            init_ray(ray_config)
+            ingest = IngestConfig(
+                url_list=UrlListConfig(paths=(str(url_list),)),
+                output_dir=str(root / "ingest"),
+                rows_per_shard=160,
+                image_size=64,
+                policy=FetchPolicyConfig(allow_loopback=True),  # the corpus is served on 127.0.0.1
+            )
+            ingested = pipeline.step("ingest", lambda: run_ingest(ingest, ray_config))
+        finally:
+            server.stop()
+        clip = ClipConfig.tiny(pipeline.step("fit_clip", lambda: _fit_clip(config))["checkpoint"])
+        curate_config = CurateConfig(score=ScoreConfig(clip=clip), select=DEMO_SELECT)
+        curated = pipeline.step("curate", lambda: curate(root / "ingest", root / "curate", curate_config))
+        pipeline.step("report", lambda: _report(config, curated))
+        text_encoder = demo_text_encoder(clip)
+        embedded = pipeline.step("embed", lambda: embed(root / "curate", root / "embed", EmbedConfig(text_encoder=text_encoder)))
+        trained = {
+            stage: pipeline.step(f"train_{stage}", lambda: _train(
+                config, recipe, steps, lr, root / "embed", ray_config, text_encoder, pipeline.nested_tags))
+            for stage, recipe, steps, lr in (("base", "demo_base", config.base_steps, config.base_lr),
+                                             ("sr1", "demo_sr", config.sr_steps, config.sr_lr))
+        }
+        prompts = _unseen_prompts(root / "embed", 16, config.seed)
+        heldout = _export_heldout(root / "embed", root / "heldout")
+        registry = pipeline.step("register", lambda: _register_and_promote(config, trained, heldout, prompts))
+        samples = pipeline.step("sample", lambda: _sample_grid(config, registry, prompts))
+        summary = {
+            "run_dir": str(root),
+            "ingest": {k: ingested.get(k) for k in ("input_rows", "downloaded", "failed", "by_status")},
+            "curate_funnel": curated.get("funnel"),
+            "embed": {k: v for k, v in embedded.items() if k != "shards"},
+            "train": {stage: {"export": r["export_dir"], "mlflow_run_id": r["mlflow_run_id"], "metrics": r["metrics"]}
+                      for stage, r in trained.items()},
+            "registry": {k: registry[k] for k in ("model_uri", "cascade_version", "shards")},
+            "samples": samples,
+            "prompts": prompts,
+            "mlflow": config.mlflow_uri,
+            "mlflow_run_id": pipeline.run_id,
+            "steps": pipeline.summary(),
+            "timings_s": {name: step["seconds"] for name, step in pipeline.summary().items()},
+        }
     (root / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary

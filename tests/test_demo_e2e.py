@@ -1,7 +1,8 @@
 """The main job end to end on this CPU machine, at its default size: corpus over HTTP -> ingest -> curate -> embed
 -> train base and SR with DeepSpeed on Ray Train -> evaluate, register, promote -> sample the champion cascade
 by alias. It checks that every step runs and accounts for every row, that the trained cascade learned (colours
-of prompts unseen in training; SR output against the ground truth), and that a rerun redoes nothing.
+of prompts unseen in training; SR output against the ground truth), that a rerun redoes nothing, and that MLflow
+holds the run as a parent with a nested run per step.
 """
 import json
 
@@ -46,6 +47,23 @@ def test_demo_learns_end_to_end_and_resumes(tmp_path):
     assert again["registry"]["cascade_version"] == summary["registry"]["cascade_version"]
     assert again["ingest"] == summary["ingest"]
     assert again["train"]["base"]["mlflow_run_id"] == summary["train"]["base"]["mlflow_run_id"]
-    assert set(again["timings_s"]) == {"ingest", "fit_clip", "curate", "embed", "train_base", "train_sr",
-                                       "register", "sample"}  # the report is not rewritten
+    assert set(again["timings_s"]) == {"ingest", "fit_clip", "curate", "report", "embed", "train_base", "train_sr1",
+                                       "register", "sample"}
     assert again["timings_s"]["train_base"] < 5 and again["timings_s"]["register"] < 5
+
+    # MLflow: one parent run for the run directory, a nested run per step (the stage trainings' own runs are
+    # their steps' records); the rerun continued the same parent and recorded no step twice.
+    from mlflow import MlflowClient
+
+    from pipelines.workflow import PARENT_TAG, STEP_TAG
+
+    assert again["mlflow_run_id"] == summary["mlflow_run_id"]
+    assert all(step["recorded_now"] for step in summary["steps"].values())
+    assert not any(step["recorded_now"] for step in again["steps"].values())
+    client = MlflowClient(config.mlflow_uri)
+    parent = client.get_run(summary["mlflow_run_id"])
+    assert parent.info.status == "FINISHED"
+    nested = client.search_runs([parent.info.experiment_id], filter_string=f"tags.{PARENT_TAG} = '{parent.info.run_id}'")
+    assert sorted(r.data.tags[STEP_TAG] for r in nested) == sorted(summary["steps"])
+    assert all(r.info.status == "FINISHED" for r in nested)
+    assert summary["steps"]["train_base"]["mlflow_run_id"] == summary["train"]["base"]["mlflow_run_id"]

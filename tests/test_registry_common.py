@@ -100,7 +100,7 @@ def heldout_dir(tmp_path_factory) -> pathlib.Path:
 @pytest.fixture(scope="session")
 def sqlite_registry(tmp_path_factory) -> str:
     """A local sqlite tracking/registry database with an experiment whose artifacts live under the tmp dir."""
-    from pipelines.registry.tracking import configure_tracking
+    from pipelines.tracking import configure_tracking
 
     root = tmp_path_factory.mktemp("mlflow")
     uri = f"sqlite:///{root}/mlflow.db"

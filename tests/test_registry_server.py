@@ -17,7 +17,7 @@ from pipelines.registry.evaluate import EvalConfig, evaluate_stage
 from pipelines.registry.loading import load_cascade
 from pipelines.registry.promote import list_stages, promote, rollback
 from pipelines.registry.register import CascadeSpec, RegisterConfig, register_cascade, register_stage
-from pipelines.registry.tracking import TrackingUnavailable, check_tracking, configure_tracking
+from pipelines.tracking import TrackingUnavailable, check_tracking, configure_tracking
 
 pytest_plugins = ["test_registry_common"]  # its session fixtures (stages, held-out data) are shared
 

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from pipelines.registry.tracking import TrackingUnavailable, check_tracking
+from pipelines.tracking import TrackingUnavailable, check_tracking
 
 
 def _free_port() -> int:

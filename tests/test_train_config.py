@@ -111,22 +111,81 @@ def test_unreachable_tracking_uri_fails_in_seconds() -> None:
     import socket
     import time
 
-    from pipelines.train.tracking import TrackingUnavailable, check_tracking_uri
+    from pipelines.tracking import TrackingUnavailable, check_tracking
 
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     start = time.monotonic()
     with pytest.raises(TrackingUnavailable, match=f"127.0.0.1:{port}"):
-        check_tracking_uri(f"http://127.0.0.1:{port}", timeout_s=10)
+        check_tracking(f"http://127.0.0.1:{port}", timeout_s=10)
     assert time.monotonic() - start < 10
 
 
-def test_sqlite_tracking_uri_is_checked_and_created(tmp_path) -> None:
-    from pipelines.train.tracking import check_tracking_uri, open_run
+def test_a_resumed_training_keeps_its_mlflow_run(tmp_path) -> None:
+    from pipelines.tracking import TrackingUnavailable, check_tracking
+    from pipelines.train.tracking import open_run
 
-    uri = f"sqlite:///{tmp_path / 'sub' / 'mlflow.db'}"
-    check_tracking_uri(uri)
+    with pytest.raises(TrackingUnavailable, match="does not exist"):  # a typo in the path, not a new directory
+        check_tracking(f"sqlite:///{tmp_path / 'sub' / 'mlflow.db'}")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    check_tracking(uri)
     run_id = open_run(uri, "exp", "r", tmp_path, resume=False)
     assert open_run(uri, "exp", "r", tmp_path, resume=True) == run_id  # a resumed training keeps its run
     assert open_run(uri, "exp", "r", tmp_path, resume=False) != run_id
+
+
+# -- config files: stages by recipe, --set overrides, the shipped cluster configs ----------------------------
+CLUSTER_TRAIN = DEEPSPEED_DIR.parent / "train"
+
+
+@pytest.mark.parametrize("name", ["paper_base_2b", "paper_sr256_600m", "paper_sr1024_400m"])
+def test_shipped_cluster_configs_train_the_paper_stages_with_the_paper_recipe(name) -> None:
+    from imagen_core.config_io import load_file
+    from imagen_core.recipes import stage_recipe
+
+    config = TrainConfig.from_dict(load_file(str(CLUSTER_TRAIN / f"{name}.toml")))
+    assert config.stage == stage_recipe(name)  # by name: the file restates nothing of the model
+    scaling = config.scaling
+    assert scaling.num_workers * scaling.micro_batch_size * scaling.grad_accum_steps == 2048  # the paper's batch
+    assert (config.optim.lr, config.schedule.warmup_steps, config.total_steps) == (1e-4, 10_000, 2_500_000)
+    assert config.optim.weight_decay == 0.0 and scaling.use_gpu and scaling.precision == "bf16"
+    assert config.optim.ema_decay ** (1 / config.optim.ema_every) == pytest.approx(0.9999, abs=1e-6)
+    assert resolve_deepspeed_config(config)["train_batch_size"] == 2048
+
+
+def test_stage_by_recipe_with_overrides_and_clear_errors(tmp_path) -> None:
+    from imagen_core.config_io import ConfigError
+    from imagen_core.recipes import stage_tiny_base
+
+    data = dataclasses.asdict(make_config(tmp_path))
+    data["stage"] = {"recipe": "tiny_base", "unet": {"dropout": 0.1}, "guidance_scale": 2.0}
+    config = TrainConfig.from_dict(data)
+    expected = stage_tiny_base()
+    assert config.stage == dataclasses.replace(expected, unet=dataclasses.replace(expected.unet, dropout=0.1),
+                                               guidance_scale=2.0)
+    with pytest.raises(ConfigError, match=r"unknown recipe 'paper_base'.*paper_base_2b"):
+        TrainConfig.from_dict({**data, "stage": "paper_base"})
+    with pytest.raises(ConfigError, match=r"stage.unet: unknown key 'dropuot'"):
+        TrainConfig.from_dict({**data, "stage": {"recipe": "tiny_base", "unet": {"dropuot": 0.1}}})
+
+
+def test_set_overrides_read_toml_values_and_reach_recipe_fields(tmp_path) -> None:
+    from imagen_core.config_io import ConfigError, apply_override
+
+    data = {**dataclasses.asdict(make_config(tmp_path)), "stage": "tiny_base"}
+    config = TrainConfig.from_dict(data, [
+        "total_steps=12", "optim.lr=3e-4", "data.paths=['a', 'b']", "stage.unet.dropout=0.2",
+        "tracking.experiment=imagen-smoke", "scaling.gradient_clipping=0.5", "resume=true",
+    ])
+    assert (config.total_steps, config.optim.lr, config.data.paths) == (12, 3e-4, ("a", "b"))
+    assert config.stage.unet.dropout == 0.2 and config.tracking.experiment == "imagen-smoke"
+    assert config.scaling.gradient_clipping == 0.5 and config.resume is True
+    assert TrainConfig.from_dict(data, ["stage=tiny_sr"]).stage.lowres_size == 16  # a recipe swapped by --set
+    assert apply_override({}, "a.b.c=1") == {"a": {"b": {"c": 1}}}
+    with pytest.raises(ConfigError, match="dotted.key=value"):
+        apply_override({}, "total_steps")
+    with pytest.raises(ConfigError, match="total_steps is 12, not a table"):
+        apply_override({"total_steps": 12}, "total_steps.x=1")
+    with pytest.raises(ConfigError, match="optim: unknown key"):
+        TrainConfig.from_dict(data, ["optim.learning_rate=1e-4"])

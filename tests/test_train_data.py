@@ -5,6 +5,7 @@ flattened to n_tokens * D fp16, D in the schema metadata); the other train tests
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import pathlib
 import random
@@ -16,7 +17,9 @@ import torch
 from pipelines.embed import EMBED_DIM_KEY
 from pipelines.train.config import DataConfig
 from pipelines.train.data import (
+    Collate,
     DecodeImages,
+    RandomCrop,
     decode_image,
     held_out,
     pad_embeddings,
@@ -112,6 +115,60 @@ def test_decode_batch_makes_lowres_from_the_same_crop(shards) -> None:
 
     expected = resize_lowres(torch.from_numpy(out["image"]).permute(0, 3, 1, 2).float(), 8).permute(0, 2, 3, 1)
     assert (torch.from_numpy(out["lowres"]).float() - expected).abs().max().item() <= 0.5 + 1e-4
+
+
+def test_training_crops_are_aligned_per_epoch_and_cut_the_lowres_to_match(shards) -> None:
+    """Crop training (Imagen App. F): each sample's crop position depends on (seed, epoch, key) only, sits on the SR
+    factor's grid, and the low-res crop is the same region of the whole picture's low-res image."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(shards[0]).slice(0, 8)
+    batch = DecodeImages(32, 16)({name: table[name].to_numpy(zero_copy_only=False) for name in table.column_names})
+    crop = RandomCrop(size=16, seed=3, align=2)
+    keys = [str(k) for k in batch["key"]]
+    boxes = crop.offsets(keys, 32)
+    assert boxes == RandomCrop(size=16, seed=3, align=2).offsets(keys, 32)  # a resumed epoch: the same crops
+    assert all(0 <= y <= 16 and 0 <= x <= 16 and y % 2 == 0 and x % 2 == 0 for y, x in boxes)
+    assert dataclasses.replace(crop, epoch=1).offsets(keys, 32) != boxes  # another epoch: other crops
+    assert len(set(boxes)) > 1
+
+    out = Collate(64, 64, crop)(batch)
+    assert out.images.shape == (8, 3, 16, 16) and out.lowres.shape == (8, 3, 8, 8)
+    for i, (y, x) in enumerate(boxes):
+        expected_hi = torch.from_numpy(batch["image"][i, y:y + 16, x:x + 16]).permute(2, 0, 1).float() / 127.5 - 1
+        expected_lo = torch.from_numpy(batch["lowres"][i, y // 2:y // 2 + 8, x // 2:x // 2 + 8]).permute(2, 0, 1)
+        assert torch.equal(out.images[i], expected_hi)
+        assert torch.equal(out.lowres[i], expected_lo.float() / 127.5 - 1)
+    assert torch.equal(Collate(64, 64)(batch).images, torch.from_numpy(batch["image"]).permute(0, 3, 1, 2) / 127.5 - 1)
+
+    # The SR stage trains on the crops as they come (a convolutional net), residual stages included.
+    from imagen_core.recipes import stage_tiny_sr
+    from imagen_core.stage import DiffusionStage
+
+    for residual in (None, 10.0):
+        stage = DiffusionStage(dataclasses.replace(stage_tiny_sr(), residual_scale=residual))
+        loss = stage(out.images, out.text_embeds, out.text_mask, out.lowres, generator=torch.Generator().manual_seed(0))
+        assert loss.shape == (8,) and torch.isfinite(loss).all()
+
+
+def test_train_crop_must_fit_the_stage() -> None:
+    from imagen_core.recipes import stage_tiny_sr
+    from pipelines.train.config import TrainConfig
+
+    def config(crop: int) -> TrainConfig:
+        return TrainConfig(stage=stage_tiny_sr(), output_dir="o", run_name="r", total_steps=10, schedule=_schedule(),
+                           data=DataConfig(paths=("d",), train_crop=crop))
+
+    assert config(16).train_crop == RandomCrop(size=16, seed=0, align=2)
+    for bad in (32, 0, 6):
+        with pytest.raises(ValueError, match="train_crop"):
+            config(bad)
+
+
+def _schedule():
+    from pipelines.train.config import ScheduleConfig
+
+    return ScheduleConfig(warmup_steps=1)
 
 
 def test_pad_embeddings_unflattens_pads_and_masks() -> None:

@@ -1,11 +1,12 @@
 """MLflow model registry for cascade stages: evaluate, register, promote, roll back, and sample from it.
 
-The CLI (jobs/cli.py) calls these functions; each option set is a typed config. Call `configure_tracking` first
-(it checks the URI in seconds, then sets it): the other functions use MLflow's configured tracking URI.
+The CLI (jobs/cli.py) calls these functions; each option set is a typed config. Call
+`pipelines.tracking.configure_tracking` first (it checks the URI in seconds, then sets it): the other functions use
+MLflow's configured tracking URI.
 
 Import functions from their submodules (`from pipelines.registry.promote import promote`): once a submodule
 is imported, a package attribute of the same name (`promote`, `evaluate`) is that module, not the function.
-Names are imported from their submodules on first use, so `check_tracking` runs without importing torch first.
+Names are imported from their submodules on first use, so importing the package imports no torch.
 """
 from __future__ import annotations
 
@@ -20,7 +21,6 @@ _EXPORTS = {
     "register": ("CascadeSpec", "RegisterConfig", "register_cascade", "register_stage"),
     "safety": ("SafetyChecker", "SafetyConfig", "SafetyFlag", "safety_check"),
     "sampling": ("EditConfig", "SampleConfig", "SampleOutput", "edit", "sample_images", "upscale"),
-    "tracking": ("TrackingStatus", "TrackingUnavailable", "check_tracking", "configure_tracking"),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_MODULE_OF)

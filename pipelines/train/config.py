@@ -9,6 +9,8 @@ a run commonly changes (ZeRO stage, micro-batch, accumulation, clipping) can be 
 from __future__ import annotations
 
 import dataclasses
+import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -61,6 +63,10 @@ class DataConfig:
     """Decode the training split once into the Ray object store before training. For a small dataset (the demo's
     ~280 rows, 8 steps an epoch) Ray Data otherwise re-reads and re-decodes at every epoch start, and the
     workers waited for data ~45% of the time; the decoded split must fit in the object store."""
+    train_crop: int | None = None
+    """Train on square crops of this side of the stage's images, at a position drawn per sample and epoch (the
+    low-res input cropped to match); validation, sampling and export stay at the full size. Imagen trained the
+    256 -> 1024 stage on 256 crops (App. F). None: whole images."""
     ledger: bool = True
     """Write <output_dir>/ledger/rank<r>.jsonl: the keys and losses of every step (~50 bytes per sample per
     step), for auditing that each sample is seen once per epoch and that a resumed run saw what it should."""
@@ -227,7 +233,8 @@ class TrainConfig:
     """One stage's training run. Base and SR stages differ only in `stage` (and sizes)."""
 
     stage: StageConfig
-    """The stage to train (imagen_core.recipes.stage_recipe(name)); stored with every export."""
+    """The stage to train; stored with every export. In a config file: a recipe name (`stage = "paper_base_2b"`),
+    a table with `recipe` and fields to override, or a whole StageConfig table."""
     output_dir: str
     """Local (or shared POSIX) directory for the resolved configs, the export, the ledger and worker status."""
     run_name: str
@@ -264,6 +271,14 @@ class TrainConfig:
             )
         if self.optim.kind == "adafactor" and self.scaling.zero_stage not in (None, 0):
             raise ValueError(ADAFACTOR_NEEDS_ZERO0)
+        if (crop := self.data.train_crop) is not None:
+            stage, align = self.stage, self.stage.image_size // (self.stage.lowres_size or self.stage.image_size)
+            multiple = math.lcm(align, 2**stage.unet.num_downsamples)
+            if not 0 < crop < stage.image_size or crop % multiple:
+                raise ValueError(
+                    f"DataConfig.train_crop {crop} must be below the stage's image_size {stage.image_size} and a "
+                    f"multiple of {multiple} (the SR factor {align} and the U-Net's 2**{stage.unet.num_downsamples})"
+                )
 
     @property
     def last_step(self) -> int:
@@ -279,6 +294,16 @@ class TrainConfig:
         return dataclasses.replace(self.stage, unet=unet)
 
     @property
+    def train_crop(self) -> Any:
+        """The training crop (pipelines.train.data.RandomCrop) or None."""
+        if self.data.train_crop is None:
+            return None
+        from pipelines.train.data import RandomCrop
+
+        return RandomCrop(size=self.data.train_crop, seed=self.seed,
+                          align=self.stage.image_size // (self.stage.lowres_size or self.stage.image_size))
+
+    @property
     def storage_path(self) -> str:
         return self.checkpoint.storage_path or str(Path(self.output_dir) / "ray")
 
@@ -290,9 +315,17 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+    def from_dict(cls, data: dict[str, Any], overrides: Sequence[str] = ()) -> "TrainConfig":
         """Rebuild from `to_dict()` output, its JSON, or a TOML file's tables (imagen_core.config_io checks
-        every key and type and names the bad one)."""
-        from imagen_core.config_io import build
+        every key and type and names the bad one). `stage` may name a recipe, with overrides
+        (imagen_core.recipes.stage_table); `overrides` are `dotted.key=value` strings applied after that."""
+        from imagen_core.config_io import apply_override, build
+        from imagen_core.recipes import stage_table
 
-        return build(cls, data)
+        def resolved(data: dict[str, Any]) -> dict[str, Any]:
+            return {**data, "stage": stage_table(data["stage"])} if "stage" in data else data
+
+        data = resolved(data)  # first, so that `stage.unet.dropout=0.1` overrides a field of the recipe
+        for assignment in overrides:
+            data = apply_override(data, assignment)
+        return build(cls, resolved(data))  # again, for `stage=tiny_base` given as an override

@@ -8,7 +8,8 @@ encoder's max length (IMAGEN_FACTS "Storage arithmetic"). Here:
   stage's resolution, and for a super-resolution stage also make the low-resolution conditioning image from
   the same crop; nothing of that runs in the training loop;
 - `streaming_split` (Ray Train's DataConfig) gives each worker a shard; no worker holds the dataset;
-- `Collate` (in the worker's prefetch threads) unflattens the embeddings and pads them per batch with a mask.
+- `Collate` (in the worker's prefetch threads) unflattens the embeddings and pads them per batch with a mask,
+  and with `DataConfig.train_crop` cuts each training sample's crop (`RandomCrop`).
 
 Order, for exact resume: with `preserve_order` the file order (seeded, fixed) and the split of blocks across
 workers are deterministic, and each epoch is reshuffled by a local buffer seeded from (seed, epoch, rank).
@@ -234,21 +235,66 @@ def pad_embeddings(
     return embeds, mask
 
 
+@dataclasses.dataclass(frozen=True)
+class RandomCrop:
+    """Training on crops (Imagen App. F: the 256 -> 1024 stage trained on 64 -> 256 crops; the net is convolutional
+    and runs on whole images afterwards). Each sample's crop position is a hash of (seed, epoch, key): another
+    crop every epoch, and the same one when a resumed run replays that epoch. The low-resolution input is cut
+    from the low-resolution image of the whole picture, at the position divided by the SR factor (`align`), so
+    it is exactly what the cascade gives the stage, border context included."""
+
+    size: int
+    """Side of the high-resolution crop."""
+    seed: int
+    align: int = 1
+    """Crop positions are multiples of this: image_size // lowres_size for an SR stage, 1 for a base stage."""
+    epoch: int = 0
+
+    def offsets(self, keys: Any, full: int) -> list[tuple[int, int]]:
+        """(top, left) of each sample's crop in a `full`-sided image."""
+        positions = (full - self.size) // self.align + 1
+        out = []
+        for key in keys:
+            digest = hashlib.blake2b(f"{self.seed}/{self.epoch}/{key}".encode(), digest_size=8).digest()
+            value = int.from_bytes(digest, "little")
+            out.append(((value % positions) * self.align, (value // positions % positions) * self.align))
+        return out
+
+    def __call__(self, keys: Any, images: np.ndarray, lowres: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
+        """(B, S, S, 3) images (and (B, s, s, 3) low-res ones) -> their crops."""
+        size, low = self.size, self.size // self.align
+        boxes = self.offsets(keys, images.shape[1])
+        cropped = np.stack([image[y:y + size, x:x + size] for image, (y, x) in zip(images, boxes)])
+        if lowres is None:
+            return cropped, None
+        step = self.align
+        return cropped, np.stack([image[y // step:y // step + low, x // step:x // step + low]
+                                  for image, (y, x) in zip(lowres, boxes)])
+
+
 class Collate(NumpyBatchCollateFn):
     """iter_torch_batches collate_fn (runs in the worker's prefetch threads, not in the step)."""
 
-    def __init__(self, embed_dim: int, max_tokens: int) -> None:
-        self.embed_dim, self.max_tokens = embed_dim, max_tokens
+    def __init__(self, embed_dim: int, max_tokens: int, crop: RandomCrop | None = None) -> None:
+        self.embed_dim, self.max_tokens, self.crop = embed_dim, max_tokens, crop
+
+    def for_epoch(self, epoch: int) -> "Collate":
+        """This collate for one epoch (the crop positions depend on it)."""
+        crop = dataclasses.replace(self.crop, epoch=epoch) if self.crop is not None else None
+        return Collate(self.embed_dim, self.max_tokens, crop)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> Batch:
         embeds, mask = pad_embeddings(batch["text_embedding"], batch["n_tokens"], self.embed_dim, self.max_tokens)
+        images, lowres = batch["image"], batch.get("lowres")
+        if self.crop is not None and len(images):
+            images, lowres = self.crop(batch["key"], images, lowres)
         return Batch(
             keys=[str(k) for k in batch["key"]],
             captions=[str(c) for c in batch["caption"]],
-            images=images_to_tensor(batch["image"]),
+            images=images_to_tensor(images),
             text_embeds=embeds,
             text_mask=mask,
-            lowres=images_to_tensor(batch["lowres"]) if "lowres" in batch else None,
+            lowres=images_to_tensor(lowres) if lowres is not None else None,
         )
 
 

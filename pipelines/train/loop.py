@@ -74,7 +74,8 @@ def micro_batches(
     epoch, skip = state.epoch, state.batches_in_epoch
     while True:
         produced = skip
-        for index, batch in epoch_batches(shard, epoch=epoch, skip=skip, micro_batch=spec.micro_batch, collate=collate,
+        for index, batch in epoch_batches(shard, epoch=epoch, skip=skip, micro_batch=spec.micro_batch,
+                                          collate=collate.for_epoch(epoch),
                                           data=cfg.data, seed=cfg.seed, rank=rank):
             produced = index + 1
             yield epoch, index, batch
@@ -247,7 +248,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     write_status(output_dir, rank, phase="starting")
     with checkpointing.latest_valid(rank, world) as found:
         state = found[1] if found else TrainState(world_size=world)
-        collate = Collate(spec.embed_dim, cfg.stage.text_encoder.max_length)
+        collate = Collate(spec.embed_dim, cfg.stage.text_encoder.max_length, cfg.train_crop)
         # The first micro-batch is fetched while DeepSpeed initialises (Ray Data start-up takes seconds).
         stream = Prefetch(micro_batches(ray.train.get_dataset_shard("train"), state, spec, rank, collate))
         trainer = Trainer(spec, rank, world, state, found[0] if found else None)

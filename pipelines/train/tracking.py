@@ -1,26 +1,20 @@
 """MLflow: one run per stage training, created by the driver, logged to by rank 0 during training.
 
-The driver checks the tracking URI first (a wrong URI fails in seconds with a clear message, not after the
-cluster spent an hour), creates or reopens the run (its id is kept in <output_dir>/mlflow_run.json, so a
-resumed training continues the same run), logs the resolved config as params and JSON artifacts, and at the
+The driver checks the tracking URI first (`pipelines.tracking.check_tracking`: a wrong URI fails in seconds with
+a clear message, not after the cluster spent an hour), creates or reopens the run (its id is kept in
+<output_dir>/mlflow_run.json, so a resumed training continues the same run), logs the resolved config as params and JSON artifacts, and at the
 end the exported checkpoint. Rank 0 logs metrics, validation losses and sample grids through `RunLogger`.
 """
 from __future__ import annotations
 
-import concurrent.futures
 import json
-import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
+from pipelines.tracking import experiment_id, flatten_params
+
 RUN_FILE = "mlflow_run.json"
-PARAM_VALUE_LIMIT = 6000
-"""MLflow's limit on a param value's length."""
-
-
-class TrackingUnavailable(RuntimeError):
-    """The MLflow tracking URI cannot be reached or used."""
 
 
 def _client(uri: str) -> Any:
@@ -29,69 +23,21 @@ def _client(uri: str) -> Any:
     return MlflowClient(tracking_uri=uri)
 
 
-def check_tracking_uri(uri: str, timeout_s: float = 15.0) -> None:
-    """Fail fast with a clear message when the tracking store does not answer."""
-    if uri.startswith("sqlite:///"):
-        db = Path(uri[len("sqlite:///"):])
-        try:
-            db.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            raise TrackingUnavailable(f"MLflow tracking URI {uri}: cannot create {db.parent}: {error}") from error
-    elif uri.startswith(("http://", "https://")):
-        # One attempt with a short timeout instead of MLflow's default minutes of retries.
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(int(timeout_s)))
-    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
-    future = pool.submit(lambda: _client(uri).search_experiments(max_results=1))
-    try:
-        future.result(timeout=timeout_s)
-    except concurrent.futures.TimeoutError as error:
-        raise TrackingUnavailable(
-            f"MLflow tracking URI {uri} did not answer within {timeout_s:.0f}s; check the server is up and "
-            "reachable from this machine (or use sqlite:///path/mlflow.db)"
-        ) from error
-    except Exception as error:  # noqa: BLE001 - any failure of the probe means the store is unusable
-        raise TrackingUnavailable(
-            f"MLflow tracking URI {uri} is not usable: {type(error).__name__}: {error}"
-        ) from error
-    finally:
-        pool.shutdown(wait=False)
-
-
-def _experiment_id(client: Any, uri: str, name: str) -> str:
-    experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    artifact_location = None
-    if uri.startswith("sqlite:///"):
-        # Artifacts beside the database, absolute: workers run in other directories than the driver.
-        artifact_location = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
-    return client.create_experiment(name, artifact_location=artifact_location)
-
-
-def open_run(uri: str, experiment: str, run_name: str, output_dir: Path, resume: bool) -> str:
-    """The MLflow run id of this stage training: the stored one when resuming, else a new run."""
+def open_run(uri: str, experiment: str, run_name: str, output_dir: Path, resume: bool,
+             tags: dict[str, str] | None = None) -> str:
+    """The MLflow run id of this stage training: the stored one when resuming, else a new run with `tags`
+    (a pipeline run passes `mlflow.parentRunId` to nest it under its step)."""
     client = _client(uri)
     record = output_dir / RUN_FILE
     if resume and record.exists():
         run_id = json.loads(record.read_text())["run_id"]
         client.update_run(run_id, status="RUNNING")
         return run_id
-    run = client.create_run(_experiment_id(client, uri, experiment), run_name=run_name)
+    run = client.create_run(experiment_id(client, uri, experiment), run_name=run_name, tags=tags)
     from pipelines.step import atomic_write_json
 
     atomic_write_json(record, {"run_id": run.info.run_id, "tracking_uri": uri, "experiment": experiment})
     return run.info.run_id
-
-
-def flatten(prefix: str, value: Any) -> dict[str, str]:
-    """Nested dict -> {"a.b.c": "value"} params, values cut to MLflow's limit."""
-    if isinstance(value, dict):
-        out: dict[str, str] = {}
-        for key, item in value.items():
-            out.update(flatten(f"{prefix}.{key}" if prefix else str(key), item))
-        return out
-    return {prefix: json.dumps(value)[:PARAM_VALUE_LIMIT] if not isinstance(value, str) else value[:PARAM_VALUE_LIMIT]}
 
 
 def log_config(uri: str, run_id: str, config: dict[str, Any], ds_config: dict[str, Any], files: list[Path]) -> None:
@@ -101,7 +47,7 @@ def log_config(uri: str, run_id: str, config: dict[str, Any], ds_config: dict[st
 
     client = _client(uri)
     existing = client.get_run(run_id).data.params
-    params = {**flatten("", config), **flatten("deepspeed", ds_config)}
+    params = {**flatten_params("", config), **flatten_params("deepspeed", ds_config)}
     new = [Param(k, v) for k, v in params.items() if k not in existing]
     for start in range(0, len(new), 100):
         client.log_batch(run_id, params=new[start:start + 100])

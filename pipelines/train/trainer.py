@@ -13,6 +13,7 @@ from typing import Any
 
 from pipelines.ray_env import RayConfig, init_ray
 from pipelines.step import atomic_write_json
+from pipelines.tracking import check_tracking
 from pipelines.train import tracking
 from pipelines.train.config import TrainConfig
 from pipelines.train.data import build_dataset, parquet_files, ray_data_config, text_embed_dim
@@ -124,13 +125,19 @@ def build_trainer(config: TrainConfig, spec: WorkerSpec, files: list[str]) -> An
     )
 
 
-def train_stage(config: TrainConfig, ray_config: RayConfig = RayConfig()) -> TrainResult:
-    """Train (or with config.resume, continue) one stage; returns where its checkpoints and export are."""
+def train_stage(config: TrainConfig, ray_config: RayConfig = RayConfig(), *,
+                mlflow_tags: dict[str, str] | None = None) -> TrainResult:
+    """Train (or with config.resume, continue) one stage; returns where its checkpoints and export are.
+
+    `mlflow_tags` go on a new MLflow run (a pipeline run nests the training under itself with
+    `mlflow.parentRunId`); they are not part of the config because they never change what is trained.
+    """
     ds_config, files, embed_dim = prepare_run(config)
     output_dir = Path(config.output_dir)
     uri = config.tracking_uri
-    tracking.check_tracking_uri(uri)
-    run_id = tracking.open_run(uri, config.tracking.experiment, config.run_name, output_dir, config.resume)
+    check_tracking(uri, timeout_s=15.0)
+    run_id = tracking.open_run(uri, config.tracking.experiment, config.run_name, output_dir, config.resume,
+                               tags=mlflow_tags)
     config_files = [output_dir / CONFIG_FILE, output_dir / DEEPSPEED_FILE]
     tracking.log_config(uri, run_id, config.to_dict(), ds_config, config_files)
     init_ray(ray_config)

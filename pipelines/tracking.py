@@ -1,4 +1,5 @@
-"""Check the MLflow tracking URI before any work starts, and say plainly what is wrong.
+"""MLflow tracking shared by every step: check the URI before any work starts, and say plainly what is wrong;
+find or create an experiment whose artifacts live beside a local database.
 
 The MLflow client retries an unreachable server with back-off (MLFLOW_HTTP_REQUEST_MAX_RETRIES, up to minutes)
 before it fails, deep inside whatever call came first. `check_tracking` probes once with a short timeout and
@@ -15,9 +16,13 @@ import socket
 import urllib.error
 import urllib.parse
 import urllib.request
+from typing import Any
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
 """First 16 bytes of every SQLite database file."""
+
+PARAM_VALUE_LIMIT = 6000
+"""MLflow's limit on a param value's length."""
 
 DB_DEFAULT_PORTS = {"postgresql": 5432, "mysql": 3306, "mssql": 1433}
 """Database schemes MLflow's SQLAlchemy store accepts (optionally "+driver"), with their default ports."""
@@ -209,3 +214,26 @@ def configure_tracking(uri: str | None = None, timeout_s: float = 5.0) -> Tracki
     status = check_tracking(uri, timeout_s)
     mlflow.set_tracking_uri(resolve_tracking_uri(uri))
     return status
+
+
+def experiment_id(client: Any, uri: str, name: str) -> str:
+    """The id of experiment `name`, created when missing. With a sqlite store its artifacts go beside the database
+    (absolute: Ray workers run in other directories than the driver)."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    artifact_location = None
+    if uri.startswith("sqlite:///"):
+        db = pathlib.Path(urllib.parse.unquote(uri[len("sqlite:///"):]))
+        artifact_location = (db.parent / "mlartifacts").resolve().as_uri()
+    return client.create_experiment(name, artifact_location=artifact_location)
+
+
+def flatten_params(prefix: str, value: Any) -> dict[str, str]:
+    """Nested dict -> {"a.b.c": "value"} params, values cut to MLflow's limit."""
+    if isinstance(value, dict):
+        out: dict[str, str] = {}
+        for key, item in value.items():
+            out.update(flatten_params(f"{prefix}.{key}" if prefix else str(key), item))
+        return out
+    return {prefix: json.dumps(value)[:PARAM_VALUE_LIMIT] if not isinstance(value, str) else value[:PARAM_VALUE_LIMIT]}
