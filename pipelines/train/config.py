@@ -272,7 +272,7 @@ class TrainConfig:
         if self.optim.kind == "adafactor" and self.scaling.zero_stage not in (None, 0):
             raise ValueError(ADAFACTOR_NEEDS_ZERO0)
         if (crop := self.data.train_crop) is not None:
-            stage, align = self.stage, self.stage.image_size // (self.stage.lowres_size or self.stage.image_size)
+            stage, align = self.stage, self.sr_factor
             multiple = math.lcm(align, 2**stage.unet.num_downsamples)
             if not 0 < crop < stage.image_size or crop % multiple:
                 raise ValueError(
@@ -294,14 +294,18 @@ class TrainConfig:
         return dataclasses.replace(self.stage, unet=unet)
 
     @property
+    def sr_factor(self) -> int:
+        """image_size // lowres_size of a super-resolution stage; 1 for a base stage."""
+        return self.stage.image_size // (self.stage.lowres_size or self.stage.image_size)
+
+    @property
     def train_crop(self) -> Any:
         """The training crop (pipelines.train.data.RandomCrop) or None."""
         if self.data.train_crop is None:
             return None
         from pipelines.train.data import RandomCrop
 
-        return RandomCrop(size=self.data.train_crop, seed=self.seed,
-                          align=self.stage.image_size // (self.stage.lowres_size or self.stage.image_size))
+        return RandomCrop(size=self.data.train_crop, seed=self.seed, align=self.sr_factor)
 
     @property
     def storage_path(self) -> str:

@@ -267,8 +267,7 @@ class RandomCrop:
         cropped = np.stack([image[y:y + size, x:x + size] for image, (y, x) in zip(images, boxes)])
         if lowres is None:
             return cropped, None
-        step = self.align
-        return cropped, np.stack([image[y // step:y // step + low, x // step:x // step + low]
+        return cropped, np.stack([image[y // self.align:y // self.align + low, x // self.align:x // self.align + low]
                                   for image, (y, x) in zip(lowres, boxes)])
 
 
