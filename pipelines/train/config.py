@@ -2,9 +2,10 @@
 
 `TrainConfig` is data: it travels to the Ray Train workers as one object, is written next to the outputs
 (`train_config.json`) and is rebuilt from that JSON with `TrainConfig.from_dict`. The DeepSpeed side is a
-JSON file users edit (cluster/deepspeed/zero*.json) named by `ScalingConfig.deepspeed_config`; the few fields
-a run commonly changes (ZeRO stage, micro-batch, accumulation, clipping) can be overridden here, and
-`pipelines.train.dsconfig.resolve_deepspeed_config` writes the result to `deepspeed.json` beside it.
+JSON file (pipelines/train/deepspeed/zero*.json, shipped with the package, or a path to your own) named by
+`ScalingConfig.deepspeed_config`; the few fields a run commonly changes (ZeRO stage, micro-batch, accumulation,
+clipping) can be overridden here, and `pipelines.train.dsconfig.resolve_deepspeed_config` writes the result to
+`deepspeed.json` beside it.
 """
 from __future__ import annotations
 
@@ -199,7 +200,7 @@ class ScalingConfig:
     cpus_per_worker: float = 1.0
     """CPUs each train worker reserves; lower it on a small machine so Ray Data tasks get CPUs too."""
     deepspeed_config: str = "zero2"
-    """A DeepSpeed JSON: a name in cluster/deepspeed/ ("zero0".."zero3") or a path to a .json file."""
+    """A DeepSpeed JSON: a shipped one by name ("zero0".."zero3", pipelines/train/deepspeed/) or a path to a .json file."""
     zero_stage: ZeroStage | None = None
     """Override of zero_optimization.stage (0 is plain data parallel)."""
     micro_batch_size: int | None = None
