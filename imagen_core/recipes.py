@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from imagen_core.diffusion.schedule import ScheduleConfig
 from imagen_core.stage import StageConfig
-from imagen_core.text_encoder import TextEncoderConfig
+from imagen_core.text_encoder import ASSET_PREFIX, ASSETS_DIR, TextEncoderConfig
 from imagen_core.unet import UNetConfig
 
 T5_XXL_DIM = 4096
@@ -153,13 +152,16 @@ def unet_paper_sr1024_400m() -> UNetConfig:
 # steps never learns the layout-deciding high-noise end (measured: x0 error 0.82 at t=0.99 after 1,500 steps
 # with eps, 0.25 after 400 with v). The paper recipes keep the paper's eps-prediction.
 
-TINY_T5_DIR = Path(__file__).resolve().parent.parent / "tests" / "assets" / "tiny-t5"
-"""The checked-in random-init T5 (d_model 64) that tests and the CPU demo use, so neither needs a model hub.
-Made by tests/assets/make_tiny_t5.py; a real run names a hub model or a local directory instead."""
+TINY_T5 = ASSET_PREFIX + "tiny-t5"
+"""The random-init T5 (d_model 64) shipped as package data (imagen_core/assets/tiny-t5, made by
+imagen_core/assets/make_tiny_t5.py), so tests and the small recipes need no model hub. Named, not by path: a
+stage config (and an export) naming it loads wherever the package is installed. A real run names a hub model."""
+TINY_T5_DIR = ASSETS_DIR / "tiny-t5"
+"""Where the installed package holds it."""
 
 
 def tiny_text_encoder() -> TextEncoderConfig:
-    return TextEncoderConfig(kind="t5", name=str(TINY_T5_DIR), max_length=64)
+    return TextEncoderConfig(kind="t5", name=TINY_T5, max_length=64)
 
 
 def paper_text_encoder() -> TextEncoderConfig:

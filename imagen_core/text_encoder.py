@@ -12,10 +12,12 @@ Weights are never downloaded silently into a random model: anything that cannot 
 from __future__ import annotations
 
 import abc
+import dataclasses
 import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal, get_args
 
 import torch
@@ -27,6 +29,16 @@ EncoderKind = Literal["t5", "open_clip"]
 DtypeChoice = Literal["auto", "float32", "float16", "bfloat16"]
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
+ASSETS_DIR = Path(__file__).resolve().parent / "assets"
+"""Encoders shipped inside this package (package data): `imagen-asset:tiny-t5` is ASSETS_DIR / "tiny-t5"."""
+ASSET_PREFIX = "imagen-asset:"
+"""`name = "imagen-asset:<dir>"`: an encoder directory shipped in imagen_core/assets/, found wherever the package
+is installed (the tiny recipes' T5): a portable name, like a hub id."""
+CHECKPOINT_PREFIX = "checkpoint:"
+"""`checkpoint:<relative path>`: encoder files carried inside a checkpoint directory (imagen_core.checkpoint
+copies a local encoder into an export); `imagen_core.checkpoint.resolve_text_encoder` makes it a path here."""
+LOCAL_DIR_PREFIX = "local-dir:"
+
 
 class TextEncoderWeightsError(RuntimeError):
     """The encoder's weights (or tokenizer) are not available here."""
@@ -37,8 +49,9 @@ class TextEncoderConfig:
     kind: EncoderKind = "t5"
     """Which library provides the encoder: transformers' T5 encoder or an open_clip text tower."""
     name: str = "google/t5-v1_1-xxl"
-    """T5: a Hugging Face hub id or a local directory saved with save_pretrained. open_clip: a model
-    architecture name (e.g. "ViT-H-14"), or an "hf-hub:"/"local-dir:" identifier."""
+    """T5: a Hugging Face hub id, a local directory saved with save_pretrained, or "imagen-asset:<dir>" (shipped
+    in the package, e.g. the tests' tiny T5). open_clip: a model architecture name (e.g. "ViT-H-14"), or an
+    "hf-hub:"/"local-dir:" identifier. A local directory is copied into a stage's export (see checkpoint.py)."""
     pretrained: str | None = None
     """open_clip only: a pretrained tag (e.g. "laion2b_s32b_b79k") or a local checkpoint file.
     None builds the architecture with random weights (tests and smoke runs only)."""
@@ -154,6 +167,74 @@ def _missing_local_path(name: str) -> bool:
     return looks_like_path and not os.path.exists(os.path.expanduser(name))
 
 
+def asset_path(name: str) -> Path:
+    """The directory an "imagen-asset:<dir>" name refers to, inside the installed package."""
+    relative = name[len(ASSET_PREFIX):] if name.startswith(ASSET_PREFIX) else name
+    path = ASSETS_DIR / relative
+    if not relative or ".." in Path(relative).parts or not path.is_dir():
+        shipped = sorted(p.name for p in ASSETS_DIR.iterdir() if p.is_dir()) if ASSETS_DIR.is_dir() else []
+        raise TextEncoderWeightsError(f"{name!r}: imagen_core ships no encoder {relative!r} (it ships {shipped})")
+    return path
+
+
+def _located(value: str) -> str:
+    """A name/pretrained value as the loaders take it: "imagen-asset:" mapped to the installed package's
+    directory; an unresolved "checkpoint:" reference refused with what to do."""
+    prefix = LOCAL_DIR_PREFIX if value.startswith(LOCAL_DIR_PREFIX) else ""
+    rest = value[len(prefix):]
+    if rest.startswith(CHECKPOINT_PREFIX):
+        raise TextEncoderWeightsError(
+            f"{value!r} names encoder files carried inside a checkpoint directory; load the stage with "
+            "pipelines.registry.checkpoints.load_stage (or imagen_core.checkpoint.resolve_text_encoder) so it "
+            "points at them")
+    if rest.startswith(ASSET_PREFIX):
+        return prefix + str(asset_path(rest))
+    return value
+
+
+_LOCAL_FIELDS = ("name", "pretrained")
+
+
+def local_files(config: TextEncoderConfig) -> dict[str, Path]:
+    """The fields of `config` that name files on this machine, field -> the directory or file: a T5 `name` that
+    is an existing directory, an open_clip "local-dir:" `name`, an open_clip `pretrained` that is an existing file.
+    Hub ids, open_clip tags, "imagen-asset:" and "checkpoint:" names are not listed: they travel as names."""
+    found: dict[str, Path] = {}
+    for field in _LOCAL_FIELDS:
+        value = getattr(config, field)
+        if value is None:
+            continue
+        path = value[len(LOCAL_DIR_PREFIX):] if value.startswith(LOCAL_DIR_PREFIX) else value
+        if path.startswith((ASSET_PREFIX, CHECKPOINT_PREFIX)):
+            continue
+        path = os.path.expanduser(path)
+        if value.startswith(LOCAL_DIR_PREFIX) or (field == "name" and config.kind == "t5" and os.path.isdir(path)) \
+                or (field == "pretrained" and os.path.isfile(path)):
+            found[field] = Path(path).resolve()
+    return found
+
+
+def checkpoint_refs(config: TextEncoderConfig) -> dict[str, str]:
+    """The fields of `config` that name files carried in a checkpoint: field -> the path relative to it."""
+    refs = {}
+    for field in _LOCAL_FIELDS:
+        value = getattr(config, field) or ""
+        rest = value[len(LOCAL_DIR_PREFIX):] if value.startswith(LOCAL_DIR_PREFIX) else value
+        if rest.startswith(CHECKPOINT_PREFIX):
+            refs[field] = rest[len(CHECKPOINT_PREFIX):]
+    return refs
+
+
+def with_locations(config: TextEncoderConfig, locations: dict[str, str]) -> TextEncoderConfig:
+    """`config` with the given fields pointing elsewhere (a path, or "checkpoint:<relative>"), keeping a
+    "local-dir:" prefix where the field had one."""
+    changes = {}
+    for field, location in locations.items():
+        old = getattr(config, field) or ""
+        changes[field] = (LOCAL_DIR_PREFIX if old.startswith(LOCAL_DIR_PREFIX) else "") + location
+    return dataclasses.replace(config, **changes)
+
+
 # ---------------------------------------------------------------------------------------- T5
 
 class T5TextEncoder(TextEncoder):
@@ -188,7 +269,7 @@ def _t5_weights_error(name: str, cause: str) -> TextEncoderWeightsError:
 def _load_t5(config: TextEncoderConfig, device: torch.device) -> T5TextEncoder:
     from transformers import AutoConfig, AutoTokenizer, T5EncoderModel
 
-    name = config.name
+    name = _located(config.name)
     if _missing_local_path(name):
         raise _t5_weights_error(name, "no such local directory")
     try:
@@ -314,6 +395,8 @@ def _check_open_clip_source(config: TextEncoderConfig) -> None:
 def _load_open_clip(config: TextEncoderConfig, device: torch.device) -> OpenClipTextEncoder:
     import open_clip
 
+    located = {field: _located(value) for field in _LOCAL_FIELDS if (value := getattr(config, field)) is not None}
+    config = dataclasses.replace(config, **located)
     _check_open_clip_source(config)
     loads_weights = config.pretrained is not None or config.name.startswith(("hf-hub:", "local-dir:"))
     if not loads_weights:

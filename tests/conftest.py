@@ -13,7 +13,10 @@ import pathlib
 
 import pytest
 
-ASSETS = pathlib.Path(__file__).parent / "assets"
+from imagen_core.text_encoder import ASSETS_DIR
+
+ASSETS = ASSETS_DIR
+"""The package's shipped assets (imagen_core/assets/: the tiny T5), where the installed imagen_core holds them."""
 
 
 @pytest.fixture(scope="session")

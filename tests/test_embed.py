@@ -23,7 +23,7 @@ from pipelines.embed import EmbedConfig, embed, read_embeddings, storage_stats
 from pipelines.step import StepDir, atomic_write_parquet
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-TINY_T5 = str(REPO / "tests" / "assets" / "tiny-t5")
+TINY_T5 = "imagen-asset:tiny-t5"  # shipped with the package (imagen_core/assets/tiny-t5)
 CURATED_SCHEMA = pa.schema([("key", pa.string()), ("caption", pa.string()), ("image", pa.binary()),
                             ("width", pa.int32()), ("height", pa.int32()), ("clip_score", pa.float32())])
 

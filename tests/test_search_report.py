@@ -17,8 +17,7 @@ from pipelines.step import ActorPoolConfig
 from pipelines.report import report
 from pipelines.search import search
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-TINY_T5 = str(REPO / "tests" / "assets" / "tiny-t5")
+TINY_T5 = "imagen-asset:tiny-t5"  # shipped with the package (imagen_core/assets/tiny-t5)
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Text encoders: the checked-in tiny T5 (tests/assets/tiny-t5, made by make_tiny_t5.py) and a tiny
+"""Text encoders: the shipped tiny T5 (imagen_core/assets/tiny-t5, made by make_tiny_t5.py) and a tiny
 registered open_clip config, both offline on CPU (conftest sets HF_HUB_OFFLINE=1)."""
 import json
 import pathlib
@@ -8,6 +8,7 @@ import open_clip
 import pytest
 import torch
 
+from imagen_core.recipes import TINY_T5_DIR
 from imagen_core.text_encoder import (
     TextEncoderConfig,
     TextEncoderWeightsError,
@@ -27,8 +28,8 @@ PAD_ATOL = 1e-5
 
 
 def tiny_t5_dir() -> pathlib.Path:
-    """The checked-in tiny T5 (vocab 591, d_model 64); regenerate with tests/assets/make_tiny_t5.py."""
-    return pathlib.Path(__file__).parent / "assets" / "tiny-t5"
+    """The shipped tiny T5 (vocab 591, d_model 64); regenerate with imagen_core/assets/make_tiny_t5.py."""
+    return TINY_T5_DIR
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import pathlib
 
 import pytest
 
@@ -24,7 +25,7 @@ from pipelines.train.engine import lr_factor
 
 def tiny_stage() -> StageConfig:
     return StageConfig(name="base", unet=dataclasses.replace(unet_tiny(), text_embed_dim=64),
-                       text_encoder=TextEncoderConfig(name="tests/assets/tiny-t5", max_length=16))
+                       text_encoder=TextEncoderConfig(name="imagen-asset:tiny-t5", max_length=16))
 
 
 def make_config(tmp_path, **changes) -> TrainConfig:
@@ -136,7 +137,7 @@ def test_a_resumed_training_keeps_its_mlflow_run(tmp_path) -> None:
 
 
 # -- config files: stages by recipe, --set overrides, the shipped cluster configs ----------------------------
-CLUSTER_TRAIN = DEEPSPEED_DIR.parent / "train"
+CLUSTER_TRAIN = pathlib.Path(__file__).resolve().parents[1] / "cluster" / "train"
 
 
 @pytest.mark.parametrize("name", ["paper_base_2b", "paper_sr256_600m", "paper_sr1024_400m"])

@@ -27,8 +27,7 @@ from pipelines.train.data import (
     text_embed_dim,
 )
 
-ASSETS = pathlib.Path(__file__).parent / "assets"
-TINY_T5 = str(ASSETS / "tiny-t5")
+from imagen_core.recipes import TINY_T5  # "imagen-asset:tiny-t5", shipped with the package
 COLOURS = {"red": (220, 30, 30), "green": (30, 160, 50), "blue": (30, 70, 220), "yellow": (245, 225, 30)}
 SHAPES = ("circle", "square")
 

@@ -13,7 +13,7 @@ from imagen_core.text_encoder import TextEncoderConfig
 from pipelines.train.data import Batch
 from pipelines.train.validation import first_rows, sample_grid, validation_loss
 
-ENCODER = TextEncoderConfig(name="tests/assets/tiny-t5", max_length=16)
+ENCODER = TextEncoderConfig(name="imagen-asset:tiny-t5", max_length=16)
 
 
 def _stage(sr: bool) -> DiffusionStage:

@@ -1,4 +1,5 @@
-"""The DeepSpeed JSON a run uses: a file from cluster/deepspeed/ plus TrainConfig's overrides, resolved once.
+"""The DeepSpeed JSON a run uses: a shipped config (pipelines/train/deepspeed/, package data) or a path to a .json
+file, plus TrainConfig's overrides, resolved once.
 
 Resolved on the driver (so the exact dict is written to `deepspeed.json` beside the outputs) and handed to every
 worker. What is resolved here:
@@ -17,12 +18,13 @@ from typing import Any
 
 from pipelines.train.config import ADAFACTOR_NEEDS_ZERO0, TrainConfig
 
-DEEPSPEED_DIR = Path(__file__).resolve().parents[2] / "cluster" / "deepspeed"
-"""The DeepSpeed JSONs users edit (zero0.json .. zero3.json)."""
+DEEPSPEED_DIR = Path(__file__).resolve().parent / "deepspeed"
+"""The shipped DeepSpeed JSONs (zero0.json .. zero3.json), installed with the package. To edit one, copy it
+anywhere and name the copy by its path (`scaling.deepspeed_config = "my/zero2.json"`)."""
 
 
 def deepspeed_json_path(name_or_path: str) -> Path:
-    """`zero2` -> cluster/deepspeed/zero2.json; anything ending in .json is a path."""
+    """`zero2` -> the shipped zero2.json (DEEPSPEED_DIR); anything ending in .json is a path."""
     if name_or_path.endswith(".json"):
         path = Path(name_or_path)
     else:
@@ -30,8 +32,8 @@ def deepspeed_json_path(name_or_path: str) -> Path:
     if not path.is_file():
         known = sorted(p.stem for p in DEEPSPEED_DIR.glob("*.json")) if DEEPSPEED_DIR.is_dir() else []
         raise FileNotFoundError(
-            f"DeepSpeed config {name_or_path!r} not found at {path}; use one of {known} (cluster/deepspeed/) "
-            "or a path to a .json file"
+            f"DeepSpeed config {name_or_path!r} not found at {path}; use one of the shipped {known} "
+            f"({DEEPSPEED_DIR}) or a path to a .json file"
         )
     return path
 

@@ -1,4 +1,4 @@
-"""Make tests/assets/tiny-t5/: a tiny random-init T5 encoder with a real sentencepiece tokenizer.
+"""Make imagen_core/assets/tiny-t5/: a tiny random-init T5 encoder with a real sentencepiece tokenizer.
 
 The tests, the demo and the tiny recipes load it with `AutoTokenizer.from_pretrained` and
 `T5EncoderModel.from_pretrained`, the same code path as google/t5-v1_1-xxl, but offline and in
@@ -7,7 +7,7 @@ milliseconds. The tokenizer is a sentencepiece unigram model trained on captions
 character, so any English prompt tokenizes without unknown pieces. The encoder weights are random
 (seed 0): the embeddings carry no meaning, only the shapes and the masking matter to the tests.
 
-Run from the repository root:  python tests/assets/make_tiny_t5.py [--out tests/assets/tiny-t5]
+Run from the repository root:  python imagen_core/assets/make_tiny_t5.py [--out imagen_core/assets/tiny-t5]
 Rerunning gives byte-identical spiece.model and model.safetensors (single-threaded training, fixed
 seeds, no timestamps in either format).
 """
