@@ -1,4 +1,5 @@
-"""A cascade stage from an imagen_core checkpoint directory (model.safetensors + config.json), verified by sha256."""
+"""A cascade stage from an imagen_core checkpoint directory (model.safetensors + config.json, plus the text encoder's
+files when it carries them: text_encoder/), verified by sha256."""
 from __future__ import annotations
 
 import os
@@ -11,14 +12,18 @@ from imagen_core.checkpoint import (
     CONFIG_FILE,
     MODEL_FILE,
     CheckpointError,
+    carried_files,
+    carry_text_encoder,
     load_checkpoint,
     read_manifest,
+    resolve_text_encoder,
     save_checkpoint,
 )
 from imagen_core.stage import DiffusionStage, StageConfig
 
 STAGE_FILES = (MODEL_FILE, CONFIG_FILE)
-"""What a registered stage carries: the sampling (EMA) weights and the manifest. train.safetensors stays behind."""
+"""What a registered stage carries: the sampling (EMA) weights and the manifest, plus the encoder files the
+manifest records (`carried_files`). train.safetensors stays behind."""
 
 
 def weights_sha256(directory: str | os.PathLike) -> str:
@@ -43,6 +48,7 @@ def load_stage(
             f"registry registered {expected_sha256}: the checkpoint was replaced after registration"
         )
     state, config = load_checkpoint(directory, device=device)
+    config = resolve_text_encoder(directory, config)  # carried encoder files -> a path on this machine
     try:
         stage_config = StageConfig.from_dict(config)
     except (KeyError, TypeError, ValueError) as error:
@@ -60,17 +66,23 @@ def load_stage(
     return stage.eval()
 
 
-def save_stage(stage: DiffusionStage, directory: str | os.PathLike) -> pathlib.Path:
-    """Write a stage as the trainer exports one: model.safetensors (whole-stage state) + config.json."""
+def save_stage(stage: DiffusionStage, directory: str | os.PathLike, *, carry_encoder: bool = True) -> pathlib.Path:
+    """Write a stage as the trainer exports one: model.safetensors (whole-stage state) + config.json, and a text
+    encoder named by a local path copied in (`carry_text_encoder`) unless `carry_encoder` is False."""
     save_checkpoint(directory, stage.state_dict(), stage.config.to_dict())
+    if carry_encoder:
+        carry_text_encoder(directory)
     return pathlib.Path(directory)
 
 
 def copy_stage_files(source: str | os.PathLike, destination: str | os.PathLike) -> pathlib.Path:
-    """Copy only the files a registered stage needs, after verifying them."""
+    """Copy only the files a registered stage needs, after verifying them; a text encoder the source names by a
+    local path is carried into the copy (the registered model must load on machines without that path)."""
     load_checkpoint(source)  # verify before anything is copied into the registry
-    destination = pathlib.Path(destination)
+    source, destination = pathlib.Path(source), pathlib.Path(destination)
     destination.mkdir(parents=True, exist_ok=True)
-    for name in STAGE_FILES:
-        shutil.copy2(pathlib.Path(source) / name, destination / name)
+    for name in (*STAGE_FILES, *carried_files(source)):
+        (destination / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source / name, destination / name)
+    carry_text_encoder(destination)
     return destination

@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import importlib.metadata
 import json
+import os
 import pathlib
 import subprocess
 import tempfile
@@ -39,6 +40,10 @@ from pipelines.registry.promote import CHAMPION, CHALLENGER, PREVIOUS_CHAMPION_T
 from pipelines.step import canonical_json
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
+"""The checkout root when the package runs from one (in an installed package: site-packages, not a checkout)."""
+DISTRIBUTION = "imagen-cluster"
+GIT_COMMIT_ENV = "IMAGEN_GIT_COMMIT"
+"""Environment variable naming the commit of the running code (wins over everything else)."""
 
 
 @dataclasses.dataclass(kw_only=True, frozen=True)
@@ -54,7 +59,8 @@ class RegisterConfig:
     dataset_manifest: str | None = None
     """The training data's step manifest (manifest.json); its sha256 is recorded."""
     git_commit: str | None = None
-    """Commit of the code that trained the stage; None: this checkout's HEAD (with "-dirty" if modified)."""
+    """Commit of the code that trained the stage; None: `current_git_commit()` ($IMAGEN_GIT_COMMIT, the installed
+    package's record, or this checkout's HEAD with "-dirty" if modified)."""
     metrics: tuple[tuple[str, float], ...] = ()
     """Extra (name, value) metrics to record as `metric.<name>` tags."""
     device: str = "cpu"
@@ -74,21 +80,59 @@ def pip_requirements() -> list[str]:
 
 
 def current_git_commit() -> str:
-    """HEAD of this checkout, "-dirty" when tracked files changed; says so plainly when there is none."""
+    """The commit of the code running here, from the first that knows it (never raises):
+    1. $IMAGEN_GIT_COMMIT (the Dockerfile sets it from its GIT_COMMIT build argument);
+    2. the installed package: a "+g<sha>" local version (setuptools-scm style builds) or the commit pip recorded
+       for a VCS install (`pip install git+https://...@<rev>`: direct_url.json);
+    3. git, only when the package runs from a checkout (the directory above it holds .git and pyproject.toml):
+       HEAD, "-dirty" when tracked files changed.
+    Otherwise "unknown (...)" with the installed version and what to set."""
+    if os.environ.get(GIT_COMMIT_ENV, "").strip():
+        return os.environ[GIT_COMMIT_ENV].strip()
+    try:
+        from_package = _package_commit()
+    except Exception:  # noqa: BLE001 - provenance must never fail a registration
+        from_package = None
+    if from_package:
+        return from_package
+    if not ((REPO_ROOT / ".git").exists() and (REPO_ROOT / "pyproject.toml").is_file()):
+        return f"unknown ({_installed_version()} not run from a git checkout; set {GIT_COMMIT_ENV})"
     try:
         head = subprocess.run(
             ["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
         )
         if head.returncode != 0:
             why = head.stderr.strip().splitlines()[-1] if head.stderr.strip() else "git rev-parse failed"
-            return f"unknown ({why})"
+            return f"unknown ({why}; set {GIT_COMMIT_ENV})"
         status = subprocess.run(
             ["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--untracked-files=no"],
             capture_output=True, text=True, timeout=10,
         )
     except (OSError, subprocess.TimeoutExpired) as error:
-        return f"unknown (git unavailable: {error})"
+        return f"unknown (git unavailable: {error}; set {GIT_COMMIT_ENV})"
     return head.stdout.strip() + ("-dirty" if status.stdout.strip() else "")
+
+
+def _installed_version() -> str:
+    try:
+        return f"{DISTRIBUTION} {importlib.metadata.version(DISTRIBUTION)}"
+    except Exception:  # noqa: BLE001 - not installed or unreadable metadata: still no failure
+        return f"{DISTRIBUTION} (version unknown)"
+
+
+def _package_commit() -> str | None:
+    """The commit the installed distribution records, if any (see current_git_commit)."""
+    distribution = importlib.metadata.distribution(DISTRIBUTION)
+    local = distribution.version.partition("+")[2]
+    for part in local.split("."):
+        if len(part) >= 8 and part[0] == "g" and all(c in "0123456789abcdef" for c in part[1:]):
+            return part[1:] + ("-dirty" if "dirty" in local else "")
+    direct_url = distribution.read_text("direct_url.json")
+    if direct_url:
+        commit = json.loads(direct_url).get("vcs_info", {}).get("commit_id")
+        if commit:
+            return str(commit)
+    return None
 
 
 def file_sha256(path: str | pathlib.Path) -> str:

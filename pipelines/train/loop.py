@@ -212,14 +212,17 @@ class Trainer:
     def export(self) -> Path:
         """Rank 0 (after a gather): the consolidated stage checkpoint in imagen_core's format: EMA weights as
         model.safetensors (what sampling and the registry load), raw weights as train.safetensors, the
-        StageConfig in config.json, so it rebuilds with nothing else."""
-        from imagen_core.checkpoint import save_training_checkpoint
+        StageConfig in config.json, so it rebuilds with nothing else: a text encoder the StageConfig names by a
+        local path is copied into the export (text_encoder/, named "checkpoint:..." in config.json), so the export
+        loads on another machine and from another directory."""
+        from imagen_core.checkpoint import carry_text_encoder, save_training_checkpoint
 
         directory = self.output_dir / EXPORT_DIR
         if directory.exists():
             shutil.rmtree(directory)  # a previous fit's export: replaced whole, never mixed
         extra = {"step": self.state.step, "run_name": self.cfg.run_name, "samples_seen": self.state.samples_seen}
         save_training_checkpoint(directory, self.weights.module, self.weights.ema, self.cfg.stage.to_dict(), extra)
+        carry_text_encoder(directory)
         return directory
 
     def close(self) -> None:
