@@ -61,6 +61,10 @@ def _convert(hint: Any, value: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected {len(args)} items, got {len(value)}")
         kinds = [item] * len(value) if item is not None else list(args) or [Any] * len(value)
         return tuple(_convert(k, v, f"{where}[{i}]") for i, (k, v) in enumerate(zip(kinds, value)))
+    if origin is dict and len(args) == 2 and dataclasses.is_dataclass(args[1]):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a table of {args[1].__name__} tables, got {type(value).__name__}")
+        return {key: build(args[1], item, f"{where}.{key}") for key, item in value.items()}
     if origin is dict or hint is Any or origin is list:
         return value
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
@@ -98,19 +102,25 @@ def apply_override(data: dict[str, Any], assignment: str) -> dict[str, Any]:
     import tomllib
 
     path, sep, text = assignment.partition("=")
-    keys = path.strip().split(".")
-    if not sep or not all(keys):
+    if not sep or not all(path.strip().split(".")):
         raise ConfigError(f"--set {assignment!r}: expected dotted.key=value")
     try:
         value = tomllib.loads(f"value = {text}")["value"]
     except tomllib.TOMLDecodeError:
         value = text
+    return set_field(data, path.strip(), value)
+
+
+def set_field(data: dict[str, Any], dotted: str, value: Any) -> dict[str, Any]:
+    """`data` with the field at `dotted.key` set to `value` (missing tables are created; whether the key exists
+    is checked when the config is built)."""
+    keys = dotted.split(".")
     out = dict(data)
     node = out
     for i, key in enumerate(keys[:-1]):
         child = node.get(key, {})
         if not isinstance(child, dict):
-            raise ConfigError(f"--set {assignment!r}: {'.'.join(keys[:i + 1])} is {child!r}, not a table")
+            raise ConfigError(f"{dotted}: {'.'.join(keys[:i + 1])} is {child!r}, not a table")
         node[key] = dict(child)
         node = node[key]
     node[keys[-1]] = value

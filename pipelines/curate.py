@@ -187,6 +187,8 @@ class CurateConfig:
     """Pass 1: CLIP scoring."""
     select: SelectConfig = field(default_factory=SelectConfig)
     """Pass 2: thresholds."""
+    pool: ActorPoolConfig = field(default_factory=ActorPoolConfig)
+    """The scoring actors (size, CPUs and GPUs each, fractions allowed): resources, not part of any step key."""
 
 
 # -- inputs ---------------------------------------------------------------------------------------
@@ -577,13 +579,13 @@ def funnel(decided: Any) -> dict[str, Any]:
 
 
 def curate(ingest_dir: str | pathlib.Path, curate_dir: str | pathlib.Path, config: CurateConfig, *,
-           score_dir: str | pathlib.Path | None = None, pool: ActorPoolConfig = ActorPoolConfig()) -> dict[str, Any]:
+           score_dir: str | pathlib.Path | None = None) -> dict[str, Any]:
     """Score (into `score_dir`, default `<curate_dir>/scores`) then select into `curate_dir`.
 
     To select again with other thresholds, call with a new `curate_dir` and the same `score_dir`.
     """
     score_dir = pathlib.Path(curate_dir) / "scores" if score_dir is None else pathlib.Path(score_dir)
-    score(ingest_dir, score_dir, config.score, pool)
+    score(ingest_dir, score_dir, config.score, config.pool)
     return select(ingest_dir, score_dir, curate_dir, config.select)
 
 

@@ -39,9 +39,16 @@ class EmbedConfig:
     text_encoder: TextEncoderConfig
     """The stage's frozen text encoder (all Imagen stages share T5-XXL; one embed run per encoder)."""
     device: str = "cpu"
-    """Torch device of the encoder in each actor."""
+    """Torch device of the encoder in each actor ("cuda" with pool.num_gpus > 0)."""
     row_group_rows: int = 64
     """Rows per Parquet row group: small, so readers shuffle groups without reading whole shards."""
+    pool: ActorPoolConfig = ActorPoolConfig()
+    """The encoder actors (size, CPUs and GPUs each, fractions allowed)."""
+
+    def key(self) -> dict[str, Any]:
+        """What decides the output: not the device, the batch size or the pool, which only change the speed."""
+        encoder = dataclasses.replace(self.text_encoder, batch_size=1)
+        return {"text_encoder": encoder, "row_group_rows": self.row_group_rows}
 
     def __post_init__(self) -> None:
         if self.row_group_rows < 1:
@@ -88,13 +95,13 @@ class ShardEmbedder:
         return {"shard_id": batch["shard_id"]}
 
 
-def embed(curate_dir: str | pathlib.Path, embed_dir: str | pathlib.Path, config: EmbedConfig,
-          pool: ActorPoolConfig = ActorPoolConfig()) -> dict[str, Any]:
+def embed(curate_dir: str | pathlib.Path, embed_dir: str | pathlib.Path, config: EmbedConfig) -> dict[str, Any]:
     """Embed every curated shard into `embed_dir/shards/`. Returns the step manifest."""
     curate_dir, embed_dir = pathlib.Path(curate_dir).resolve(), pathlib.Path(embed_dir).resolve()  # sent to workers
     curated = finished_manifest(curate_dir, "curate")
     shard_ids = shard_ids_of(curated)
-    step = StepDir.open(embed_dir, "embed", config, [curated["key"]])
+    step = StepDir.open(embed_dir, "embed", config.key(), [curated["key"]])
+    pool = config.pool
     if (manifest := step.manifest()) is not None:
         return manifest
     started = time.monotonic()

@@ -80,6 +80,13 @@ def atomic_write_parquet(path: str | os.PathLike, table: Any, **write_options: A
 class StepKeyMismatch(RuntimeError):
     """The output directory holds a step run with another config or other inputs."""
 
+    def __init__(self, message: str, root: str | os.PathLike) -> None:
+        super().__init__(message)
+        self.root = os.fspath(root)
+
+    def __reduce__(self) -> tuple[Any, ...]:  # keeps `root` across Ray's pickling of task errors
+        return type(self), (self.args[0], self.root)
+
 
 @dataclasses.dataclass(frozen=True)
 class StepDir:
@@ -101,7 +108,7 @@ class StepDir:
                 raise StepKeyMismatch(
                     f"{root} holds step {held.get('step')!r} with key {held.get('key')}, but this run's "
                     f"config/inputs give key {step.key}. Use a new output directory, or delete {root} "
-                    "to recompute it."
+                    "to recompute it.", root,
                 )
         else:
             atomic_write_json(key_file, {"step": name, "key": step.key, "config": json.loads(canonical_json(config))})

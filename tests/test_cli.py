@@ -33,8 +33,8 @@ def test_bad_train_config_names_the_key(capsys, tmp_path):
 
 
 def test_sample_needs_one_source(capsys):
-    with pytest.raises(SystemExit, match="either --model"):
-        main(["sample", "a red circle"])
+    code, err, _ = _run(capsys, ["sample", "a red circle"])
+    assert code == 2 and "give either model (--model" in err
 
 
 @pytest.mark.slow

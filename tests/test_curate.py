@@ -36,7 +36,8 @@ INGEST_SCHEMA = pa.schema([
 ])
 CLIP_FIT = TinyClipFit(steps=150)
 CLIP_TRAIN_SCENES, CLIP_TRAIN_SEED = 512, 1000  # a different seed from every evaluated corpus
-from pipelines.demo import DEMO_SELECT  # noqa: E402 - the demo's thresholds for the tiny CLIP
+from pipelines.demo.run import demo_select  # noqa: E402 - the demo's thresholds for the tiny CLIP
+DEMO_SELECT = demo_select()
 # A stand-in "unsafe" concept (the demo corpus has nothing unsafe): black backgrounds. The tiny CLIP
 # reads backgrounds well zero-shot; it cannot bind colour to shape ("a red cross" flags at random).
 STAND_IN_UNSAFE = ("a black background",)

@@ -26,11 +26,11 @@ NAME = "pyf"
 @pytest.fixture(scope="module")
 def cascade_uri(sqlite_registry, stage_dirs) -> str:
     use_registry(sqlite_registry)
-    config = RegisterConfig(experiment="registry-tests", metrics=(("val_loss", 1.0),))
+    config = RegisterConfig(experiment="registry-tests", metrics=(("eval_loss", 1.0),))
     register_stage(stage_dirs["base_trained"], NAME, config)
     register_stage(stage_dirs["sr"], NAME, config)
-    promote(NAME, "base", "val_loss")
-    promote(NAME, "sr1", "val_loss")
+    promote(NAME, "base", "eval_loss")
+    promote(NAME, "sr1", "eval_loss")
     register_cascade(NAME, CascadeSpec(stages=("base", "sr1"), steps=2), RegisterConfig(experiment="registry-tests"))
     return f"models:/{NAME}@champion"
 

@@ -38,7 +38,7 @@ def test_register_records_provenance_and_sets_challenger(registry, stage_dirs, t
     manifest.write_text('{"key": "abc"}')
     mlflow.set_experiment(EXPERIMENT)
     with mlflow.start_run(run_name="train-base") as run:
-        mlflow.log_metric("val_loss", 0.75)
+        mlflow.log_metric("val_loss", 0.75)  # the trainer's own validation loss
     started = time.monotonic()
     version = _register(stage_dirs["base"], "prov", training_run_id=run.info.run_id, dataset_manifest=str(manifest))
     print(f"register_stage took {time.monotonic() - started:.2f} s")
@@ -51,7 +51,7 @@ def test_register_records_provenance_and_sets_challenger(registry, stage_dirs, t
     assert mv.tags["config_hash"] == config_hash(checkpoint["config"])
     assert mv.tags["weights_sha256"] == checkpoint["files"]["model.safetensors"]["sha256"]
     assert mv.tags["git_commit"] == "test-commit"
-    assert float(mv.tags["metric.val_loss"]) == 0.75
+    assert float(mv.tags["metric.train_val_loss"]) == 0.75
     assert str(client.get_model_version_by_alias("prov-base", "challenger").version) == version
     assert client.get_registered_model("prov-base").tags["imagen.kind"] == "stage"
     files = _artifact_dir("prov-base", version)
@@ -64,7 +64,7 @@ def test_register_records_provenance_and_sets_challenger(registry, stage_dirs, t
 
 def test_promotion_refuses_worse_accepts_better_records_numbers_and_rolls_back(registry, stage_dirs, heldout_dir):
     client = mlflow.MlflowClient()
-    config = EvalConfig(heldout_dir=str(heldout_dir), num_samples=4, fid=None, colour_accuracy=False)
+    config = EvalConfig(heldout_dir=str(heldout_dir), num_samples=4, metrics=("eval_loss",))
     timings = {}
 
     def register_and_evaluate(checkpoint: str) -> str:
@@ -75,11 +75,11 @@ def test_promotion_refuses_worse_accepts_better_records_numbers_and_rolls_back(r
         return version
 
     v1 = register_and_evaluate("base")
-    first = promote("promo", "base", "val_loss", min_abs=0.0, min_rel=0.05)
+    first = promote("promo", "base", "eval_loss", min_abs=0.0, min_rel=0.05)
     assert first.outcome == "first_champion" and first.champion_version is None
 
     v2 = register_and_evaluate("base_trained")
-    better = promote("promo", "base", "val_loss", min_abs=0.0, min_rel=0.05, who="ci")
+    better = promote("promo", "base", "eval_loss", min_abs=0.0, min_rel=0.05, who="ci")
     print("accepted:", better.summary())
     assert better.outcome == "promoted" and better.challenger_version == v2 and better.champion_version == v1
     assert better.challenger_value < better.champion_value
@@ -89,7 +89,7 @@ def test_promotion_refuses_worse_accepts_better_records_numbers_and_rolls_back(r
     assert str(client.get_model_version_by_alias("promo-base", "champion").version) == v2
 
     v3 = register_and_evaluate("base_other")
-    worse = promote("promo", "base", "val_loss", min_abs=0.0, min_rel=0.05, who="ci")
+    worse = promote("promo", "base", "eval_loss", min_abs=0.0, min_rel=0.05, who="ci")
     print("refused:", worse.summary())
     assert worse.outcome == "refused" and worse.abs_improvement < 0 and worse.champion_version == v2
     assert str(client.get_model_version_by_alias("promo-base", "champion").version) == v2
@@ -100,8 +100,8 @@ def test_promotion_refuses_worse_accepts_better_records_numbers_and_rolls_back(r
     assert tags["promotion.champion_version"] == v2 and tags["promotion.by"] == "ci"
 
     with pytest.raises(ValueError, match="needs a reason"):
-        promote("promo", "base", "val_loss", force=True)
-    forced = promote("promo", "base", "val_loss", force=True, reason="demo of an override", who="alice")
+        promote("promo", "base", "eval_loss", force=True)
+    forced = promote("promo", "base", "eval_loss", force=True, reason="demo of an override", who="alice")
     assert forced.outcome == "forced" and not forced.rule_accepts
     forced_tags = client.get_model_version("promo-base", v3).tags
     assert forced_tags["promotion.by"] == "alice" and forced_tags["promotion.reason"] == "demo of an override"
@@ -117,9 +117,9 @@ def test_promotion_refuses_worse_accepts_better_records_numbers_and_rolls_back(r
     print(table.to_string())
     assert list(table["version"]) == [int(v1), int(v2), int(v3)]
     assert table.set_index("version").loc[int(v1), "aliases"] == "champion"
-    assert {"val_loss", "promotion", "aliases"} <= set(table.columns)
+    assert {"eval_loss", "promotion", "aliases"} <= set(table.columns)
     run_metrics = client.get_run(client.get_model_version("promo-base", v2).run_id).data.metrics
-    assert run_metrics["eval/val_loss"] == pytest.approx(better.challenger_value)
+    assert run_metrics["eval/eval_loss"] == pytest.approx(better.challenger_value)
     print("evaluate_stage seconds:", {k: round(v, 2) for k, v in timings.items()})
 
 
@@ -130,12 +130,14 @@ def test_evaluate_reports_clip_colour_and_says_why_fid_is_skipped(
     _register(stage_dirs["base_trained"], "evalm")
     config = EvalConfig(
         heldout_dir=str(heldout_dir), num_samples=4, clip=clip_config,
+        metrics=("eval_loss", "clip_score", "colour_accuracy", "fid", "psnr"),
         fid=FidConfig(inception_weights=str(tmp_path / "none.pth")),
     )
     result = evaluate_stage("evalm", "base", config=config)
     print("metrics:", result.metrics, "notes:", result.notes)
-    assert {"val_loss", "clip_score", "colour_accuracy"} <= set(result.metrics)
+    assert {"eval_loss", "clip_score", "colour_accuracy"} <= set(result.metrics)
     assert 0.0 <= result.metrics["clip_score"] <= 100.0 and 0.0 <= result.metrics["colour_accuracy"] <= 1.0
+    assert any(n.startswith("psnr skipped") for n in result.notes)
     assert any(n.startswith(f"FID skipped: no Inception weights at {tmp_path / 'none.pth'}") for n in result.notes)
     tags = mlflow.MlflowClient().get_model_version_by_alias("evalm-base", "challenger").tags
     assert float(tags["metric.clip_score"]) == result.metrics["clip_score"]
@@ -143,18 +145,18 @@ def test_evaluate_reports_clip_colour_and_says_why_fid_is_skipped(
 
 
 def test_cascade_resolves_stages_by_alias_at_load(registry, stage_dirs):
-    _register(stage_dirs["base"], "casc", metrics=(("val_loss", 1.0),))
-    promote("casc", "base", "val_loss")
-    _register(stage_dirs["sr"], "casc", metrics=(("val_loss", 1.0),))
-    promote("casc", "sr1", "val_loss")
+    _register(stage_dirs["base"], "casc", metrics=(("eval_loss", 1.0),))
+    promote("casc", "base", "eval_loss")
+    _register(stage_dirs["sr"], "casc", metrics=(("eval_loss", 1.0),))
+    promote("casc", "sr1", "eval_loss")
     spec = CascadeSpec(stages=("base", "sr1"), steps=2)
     cascade_v1 = register_cascade("casc", spec, RegisterConfig(experiment=EXPERIMENT))
     before = load_cascade("models:/casc@champion")
     assert before.sources == ["models:/casc-base/1 (@champion)", "models:/casc-sr1/1 (@champion)"]
     assert before.image_size == 16 and before.defaults == {"steps": 2}
 
-    _register(stage_dirs["base_trained"], "casc", metrics=(("val_loss", 0.5),))
-    assert promote("casc", "base", "val_loss").outcome == "promoted"
+    _register(stage_dirs["base_trained"], "casc", metrics=(("eval_loss", 0.5),))
+    assert promote("casc", "base", "eval_loss").outcome == "promoted"
     after = load_cascade("models:/casc@champion")  # same cascade version, new base stage
     assert after.sources[0] == "models:/casc-base/2 (@champion)"
     assert str(mlflow.MlflowClient().get_model_version_by_alias("casc", "champion").version) == cascade_v1
@@ -171,8 +173,8 @@ def test_cascade_resolves_stages_by_alias_at_load(registry, stage_dirs):
 def test_load_by_alias_with_an_explicit_tracking_uri_ignores_the_process_default(registry, stage_dirs, tmp_path):
     """A fresh process (the demo's rerun, `imagen sample --tracking-uri`) has no MLflow URI set: loading with an
     explicit one must resolve the registry there, not in whatever the process default points to."""
-    _register(stage_dirs["base"], "elsewhere", metrics=(("val_loss", 1.0),))
-    promote("elsewhere", "base", "val_loss")
+    _register(stage_dirs["base"], "elsewhere", metrics=(("eval_loss", 1.0),))
+    promote("elsewhere", "base", "eval_loss")
     register_cascade("elsewhere", CascadeSpec(stages=("base",)), RegisterConfig(experiment=EXPERIMENT))
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/empty.db")  # the process default is another, empty store
     loaded = load_cascade("models:/elsewhere@champion", tracking_uri=registry)

@@ -119,7 +119,7 @@ def test_background_accuracy_on_demo_scenes():
 
 
 def test_metric_directions_and_improvements():
-    loss, clip = metric_spec("val_loss"), metric_spec("clip_score")
+    loss, clip = metric_spec("eval_loss"), metric_spec("clip_score")
     assert loss.improvement(challenger=0.8, champion=1.0) == pytest.approx((0.2, 0.2))
     assert clip.improvement(challenger=30.0, champion=25.0) == pytest.approx((5.0, 0.2))
     assert clip.improvement(challenger=20.0, champion=25.0)[0] == pytest.approx(-5.0)

@@ -79,23 +79,23 @@ def test_register_promote_rollback_and_load_by_alias_on_a_server(mlflow_server, 
     status = configure_tracking(mlflow_server)
     assert status.kind == "http" and "MLflow server 3." in status.detail
     config = RegisterConfig(experiment="server-tests")
-    evaluation = EvalConfig(heldout_dir=str(heldout_dir), num_samples=2, fid=None, colour_accuracy=False)
+    evaluation = EvalConfig(heldout_dir=str(heldout_dir), num_samples=2, metrics=("eval_loss",))
 
     register_stage(stage_dirs["base"], "srv", config)
     evaluate_stage("srv", "base", config=evaluation)
-    assert promote("srv", "base", "val_loss").outcome == "first_champion"
-    register_stage(stage_dirs["sr"], "srv", RegisterConfig(experiment="server-tests", metrics=(("val_loss", 1.0),)))
-    promote("srv", "sr1", "val_loss")
+    assert promote("srv", "base", "eval_loss").outcome == "first_champion"
+    register_stage(stage_dirs["sr"], "srv", RegisterConfig(experiment="server-tests", metrics=(("eval_loss", 1.0),)))
+    promote("srv", "sr1", "eval_loss")
     register_cascade("srv", CascadeSpec(stages=("base", "sr1"), steps=2), config)
 
     register_stage(stage_dirs["base_trained"], "srv", config)
     evaluate_stage("srv", "base", config=evaluation)
-    better = promote("srv", "base", "val_loss", min_rel=0.05)
+    better = promote("srv", "base", "eval_loss", min_rel=0.05)
     print(better.summary())
     assert better.outcome == "promoted"
     register_stage(stage_dirs["base_other"], "srv", config)
     evaluate_stage("srv", "base", config=evaluation)
-    assert promote("srv", "base", "val_loss", min_rel=0.05).outcome == "refused"
+    assert promote("srv", "base", "eval_loss", min_rel=0.05).outcome == "refused"
 
     model = mlflow.pyfunc.load_model("models:/srv@champion")
     out = model.predict(pd.DataFrame({"prompt": ["a red square", "a red square"], "seed": [1, 1]}))

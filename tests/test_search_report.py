@@ -1,6 +1,7 @@
 """Search and report on curated demo data; the slow test runs ingest -> curate -> embed end to end."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 import time
@@ -36,7 +37,7 @@ def curated(ray_session, clip_config, tmp_path_factory):
     paths, truth = demo_corpus(root / "corpus", 120, seed=3)
     write_ingest_like(paths, root / "ingest", rows_per_shard=60)
     # One actor: on 2 shared cores, starting a second one costs more than it saves on 120 rows.
-    curate(root / "ingest", root / "curate", curate_config(clip_config), pool=ActorPoolConfig(size=1))
+    curate(root / "ingest", root / "curate", dataclasses.replace(curate_config(clip_config), pool=ActorPoolConfig(size=1)))
     return root, truth
 
 

@@ -1,14 +1,15 @@
-"""Evaluate a stage: validation loss, CLIP score, FID and the demo corpus's colour accuracy.
+"""Evaluate a stage on the metrics a config lists: held-out loss, CLIP score, FID, PSNR, the demo's colour task.
 
-- val_loss: recomputed on held-out images at fixed timesteps with fixed noise (comparable across versions), or,
-  without held-out data, the training run's last logged `val_loss`.
+- eval_loss: the diffusion loss on held-out images at fixed timesteps with fixed noise, recomputed for every
+  version (comparable across versions). Distinct from the training run's own `val_loss` (logged while training,
+  recorded on the version as `train_val_loss`).
 - clip_score: 100 * mean max(cos(image, prompt), 0) with the configured open_clip model (Hessel et al. 2021
   without their 2.5 weight, as torchmetrics' CLIPScore).
 - fid: Frechet Inception Distance of samples against held-out images (fid.py); skipped, and said so, without
   Inception weights on disk.
-- colour_accuracy: share of samples showing the colours their prompts name (colour.py).
-- psnr, psnr_bicubic (SR stages): PSNR of the upsampled held-out images against the originals, and of bicubic
-  upsampling, the baseline the stage must beat.
+- psnr (SR stages): PSNR of the upsampled held-out images against the originals, with `psnr_bicubic`, the
+  bicubic baseline the stage must beat.
+- colour_accuracy: share of samples showing the colours their prompts name (the demo corpus's task).
 A super-resolution stage is sampled by upsampling the held-out images' downsampled copies, with their captions.
 Results go to the version's run (metrics `eval/<name>`) and to the version itself (tags `metric.<name>`).
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 from collections.abc import Sequence
+from typing import Literal
 
 import mlflow
 import torch
@@ -34,6 +36,7 @@ from pipelines.registry.metrics import METRIC_TAG_PREFIX, RUN_METRIC_PREFIX
 from pipelines.step import canonical_json
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+MetricName = Literal["eval_loss", "clip_score", "fid", "psnr", "colour_accuracy"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,12 +86,13 @@ class EvalConfig:
     """Seed for the loss's noise and the samples: equal seeds make versions comparable."""
     batch_size: int = 8
     """Images per forward pass."""
+    metrics: tuple[MetricName, ...] = ("eval_loss", "clip_score", "fid", "psnr")
+    """What to measure; a metric that cannot be computed (no CLIP given, no Inception weights, a base stage's
+    PSNR) is skipped and the reason kept in the version's `eval.notes` tag."""
     clip: ClipConfig | None = None
-    """open_clip model for the CLIP score; None skips it."""
-    fid: FidConfig | None = FidConfig()
-    """FID options; None skips it."""
-    colour_accuracy: bool = True
-    """Score the demo task (prompts naming palette colours)."""
+    """open_clip model for the CLIP score."""
+    fid: FidConfig = FidConfig()
+    """FID options."""
     colour_min_fraction: float = 0.01
     """Share of pixels a named shape colour must cover."""
     device: str = "cpu"
@@ -111,7 +115,7 @@ def _batches(n: int, size: int) -> list[slice]:
 
 
 @torch.no_grad()
-def heldout_val_loss(stage: DiffusionStage, encoder: TextEncoder, heldout: HeldOut, config: EvalConfig) -> float:
+def heldout_loss(stage: DiffusionStage, encoder: TextEncoder, heldout: HeldOut, config: EvalConfig) -> float:
     """Mean diffusion loss (the training objective, Imagen Sec 2.1) over held-out images at fixed timesteps and noise.
 
     No condition dropping; SR stages see their input augmented at the stage's sampling level.
@@ -184,41 +188,46 @@ def _sample_inputs(
     return [prompts[i % len(prompts)] for i in range(config.num_samples)], None
 
 
-def compute_metrics(
-    stage: DiffusionStage, config: EvalConfig, *, training_val_loss: float | None = None
-) -> EvalResult:
-    """All configured metrics of one stage (no logging)."""
+def compute_metrics(stage: DiffusionStage, config: EvalConfig) -> EvalResult:
+    """The configured metrics of one stage (no logging)."""
     encoder = build_text_encoder(stage.config.text_encoder, config.device)
     heldout = None
     if config.heldout_dir:
         heldout = load_heldout(config.heldout_dir, stage.config.image_size, config.max_heldout)
+    wanted = set(config.metrics)
     metrics: dict[str, float] = {}
     notes: list[str] = []
-    if heldout is not None:
-        metrics["val_loss"] = heldout_val_loss(stage, encoder, heldout, config)
-    elif training_val_loss is not None:
-        metrics["val_loss"] = training_val_loss
-        notes.append("val_loss from the training run (no held-out data given)")
-    else:
-        notes.append("val_loss skipped: no held-out data and no val_loss in the training run")
+    if "eval_loss" in wanted:
+        if heldout is None:
+            notes.append("eval_loss skipped: no held-out data (heldout_dir)")
+        else:
+            metrics["eval_loss"] = heldout_loss(stage, encoder, heldout, config)
+    if not wanted - {"eval_loss"}:
+        return EvalResult(metrics, notes)
     inputs = _sample_inputs(stage, heldout, config)
     if isinstance(inputs, str):
         notes.append(inputs)
         return EvalResult(metrics, notes)
     prompts, lowres = inputs
     samples = draw_samples(stage, encoder, prompts, lowres, config)
-    if lowres is not None and heldout is not None:
-        truth = resize_lowres(heldout.images[: samples.shape[0]], stage.config.image_size)
-        metrics["psnr"] = psnr(samples, truth)
-        metrics["psnr_bicubic"] = psnr(upsample_lowres(lowres, stage.config.image_size), truth)
-    if config.clip is not None:
-        metrics["clip_score"] = clip_score(Clip(config.clip), samples, prompts)
-    if config.colour_accuracy:
+    if "psnr" in wanted:
+        if lowres is None or heldout is None:
+            notes.append("psnr skipped: it measures super-resolution stages against held-out images")
+        else:
+            truth = resize_lowres(heldout.images[: samples.shape[0]], stage.config.image_size)
+            metrics["psnr"] = psnr(samples, truth)
+            metrics["psnr_bicubic"] = psnr(upsample_lowres(lowres, stage.config.image_size), truth)
+    if "clip_score" in wanted:
+        if config.clip is None:
+            notes.append("clip_score skipped: no CLIP given (evaluate.clip)")
+        else:
+            metrics["clip_score"] = clip_score(Clip(config.clip), samples, prompts)
+    if "colour_accuracy" in wanted:
         if any(prompt_colours(p).background or prompt_colours(p).others for p in prompts):
             metrics["colour_accuracy"], _ = colour_accuracy(samples, prompts, config.colour_min_fraction)
         else:
             notes.append("colour_accuracy skipped: no prompt names a palette colour")
-    if config.fid is not None:
+    if "fid" in wanted:
         if heldout is None:
             notes.append("FID skipped: no held-out images (heldout_dir)")
         else:
@@ -237,8 +246,7 @@ def evaluate_stage(
     model = stage_model_name(name, stage)
     ref = ModelRef(model, version=version) if version.isdigit() else ModelRef(model, alias=version)
     diffusion_stage, model_version = load_registered_stage(ref, device=config.device, client=client)
-    run_metrics = client.get_run(model_version.run_id).data.metrics if model_version.run_id else {}
-    result = compute_metrics(diffusion_stage, config, training_val_loss=run_metrics.get("val_loss"))
+    result = compute_metrics(diffusion_stage, config)
     for key, value in result.metrics.items():
         if model_version.run_id:
             client.log_metric(model_version.run_id, RUN_METRIC_PREFIX + key, value)

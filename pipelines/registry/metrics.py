@@ -8,7 +8,7 @@ from typing import Literal, get_args
 Direction = Literal["min", "max"]
 
 METRIC_TAG_PREFIX = "metric."
-"""Model-version tag holding an evaluation result: `metric.val_loss` = "0.0123"."""
+"""Model-version tag holding an evaluation result: `metric.eval_loss` = "0.0123"."""
 RUN_METRIC_PREFIX = "eval/"
 """Run metric key of an evaluation result, beside the trainer's own `val_loss`."""
 
@@ -20,7 +20,7 @@ class MetricSpec:
     name: str
     """Key of the metric (the tag `metric.<name>` on each model version)."""
     direction: Direction
-    """"min": lower is better (val_loss, FID); "max": higher is better (CLIP score, colour accuracy)."""
+    """"min": lower is better (eval_loss, FID); "max": higher is better (CLIP score, colour accuracy)."""
 
     def __post_init__(self) -> None:
         if self.direction not in get_args(Direction):
@@ -44,7 +44,9 @@ class MetricSpec:
 
 
 KNOWN_METRICS = {
-    "val_loss": MetricSpec(name="val_loss", direction="min"),
+    "eval_loss": MetricSpec(name="eval_loss", direction="min"),
+    "train_val_loss": MetricSpec(name="train_val_loss", direction="min"),
+    "psnr": MetricSpec(name="psnr", direction="max"),
     "fid": MetricSpec(name="fid", direction="min"),
     "clip_score": MetricSpec(name="clip_score", direction="max"),
     "colour_accuracy": MetricSpec(name="colour_accuracy", direction="max"),

@@ -39,6 +39,8 @@ from pipelines.registry.pyfunc_model import CASCADE_MODEL_CODE, STAGE_MODEL_CODE
 from pipelines.registry.promote import CHAMPION, CHALLENGER, PREVIOUS_CHAMPION_TAG
 from pipelines.step import canonical_json
 
+CASCADE_SPEC_TAG = "cascade_spec_sha256"
+"""Tag of a cascade version: the hash of what it chains (stages, alias, sampling defaults)."""
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 """The checkout root when the package runs from one (in an installed package: site-packages, not a checkout)."""
 DISTRIBUTION = "imagen-cluster"
@@ -55,7 +57,7 @@ class RegisterConfig:
     artifact_location: str | None = None
     """Artifact root of that experiment if it has to be created (None: the tracking server's default)."""
     training_run_id: str | None = None
-    """The stage's training run: the model is logged into it, its `val_loss` becomes the version's metric."""
+    """The stage's training run: the model is logged into it, its `val_loss` becomes the version's `train_val_loss`."""
     dataset_manifest: str | None = None
     """The training data's step manifest (manifest.json); its sha256 is recorded."""
     git_commit: str | None = None
@@ -171,7 +173,7 @@ def _training_metrics(config: RegisterConfig) -> dict[str, float]:
     if not config.training_run_id:
         return {}
     metrics = mlflow.MlflowClient().get_run(config.training_run_id).data.metrics
-    return {"val_loss": metrics["val_loss"]} if "val_loss" in metrics else {}
+    return {"train_val_loss": metrics["val_loss"]} if "val_loss" in metrics else {}
 
 
 def _provenance_tags(
@@ -189,13 +191,30 @@ def _provenance_tags(
     }
 
 
+def registered_version(client: Any, model_name: str, tag: str, value: str) -> str | None:
+    """The version of `model_name` tagged `tag=value`, if one exists: what makes registering idempotent."""
+    if not client.search_registered_models(filter_string=f"name = '{model_name}'"):
+        return None
+    versions = client.search_model_versions(filter_string=f"name = '{model_name}' and tags.`{tag}` = '{value}'")
+    return str(min(int(v.version) for v in versions)) if versions else None
+
+
 def register_stage(checkpoint_dir: str | pathlib.Path, name: str, config: RegisterConfig = RegisterConfig()) -> str:
-    """Log and register a stage checkpoint as `<name>-<stage>`; returns the new version, aliased `challenger`."""
+    """Log and register a stage checkpoint as `<name>-<stage>`, aliased `challenger`; returns its version.
+
+    Idempotent: weights already registered under this name (the same `weights_sha256`) return that version and
+    add none, so a pipeline killed mid-registration and rerun does not duplicate versions. The version is created
+    with its provenance tags in one call, so no version exists without its weights tag.
+    """
     checkpoint_dir = pathlib.Path(checkpoint_dir)
     stage_config = read_manifest(checkpoint_dir)["config"]
     stage = StageConfig.from_dict(stage_config)  # refuse a checkpoint that is not a stage before logging anything
     model_name = stage_model_name(name, stage.name)
     tags = _provenance_tags(checkpoint_dir, stage_config, config)
+    client = mlflow.MlflowClient()
+    existing = registered_version(client, model_name, WEIGHTS_SHA_TAG, tags[WEIGHTS_SHA_TAG])
+    if existing is not None:
+        return existing
     with tempfile.TemporaryDirectory(prefix="register_") as tmp:
         staged = copy_stage_files(checkpoint_dir, pathlib.Path(tmp) / CHECKPOINT_ARTIFACT)
         with _start_run(config, f"register-{model_name}"), _quiet_log_model():
@@ -206,15 +225,21 @@ def register_stage(checkpoint_dir: str | pathlib.Path, name: str, config: Regist
                 model_config={WEIGHTS_SHA_TAG: tags[WEIGHTS_SHA_TAG], "device": config.device},
                 pip_requirements=pip_requirements(),
                 signature=prompt_signature(lowres_input=stage.is_super_resolution),
-                registered_model_name=model_name,
             )
-    version = str(info.registered_model_version)
-    client = mlflow.MlflowClient()
+            version = _create_version(client, model_name, info, tags)
     client.set_registered_model_tag(model_name, KIND_TAG, "stage")
-    for key, value in tags.items():
-        client.set_model_version_tag(model_name, version, key, value)
     client.set_registered_model_alias(model_name, CHALLENGER, version)
     return version
+
+
+def _create_version(client: Any, model_name: str, info: Any, tags: dict[str, str]) -> str:
+    """A new version of `model_name` for a logged model, created with its tags."""
+    if not client.search_registered_models(filter_string=f"name = '{model_name}'"):
+        client.create_registered_model(model_name)
+    run_id = mlflow.active_run().info.run_id
+    version = client.create_model_version(model_name, info.model_uri, run_id=run_id, tags=tags,
+                                          model_id=info.model_id)
+    return str(version.version)
 
 
 @dataclasses.dataclass(kw_only=True, frozen=True)
@@ -244,32 +269,36 @@ class CascadeSpec:
 
 
 def register_cascade(name: str, spec: CascadeSpec = CascadeSpec(), config: RegisterConfig = RegisterConfig()) -> str:
-    """Register the cascade `<name>` (stage names + aliases, no weights) and make the new version its champion.
+    """Register the cascade `<name>` (stage names + aliases, no weights) and make that version its champion.
 
     Each stage must resolve by the alias now; the previous cascade champion is recorded for `rollback`.
+    Idempotent: a cascade of the same spec is registered once (the version tagged with the spec's hash).
     """
     client = mlflow.MlflowClient()
-    for entry in spec.model_config(name, config.device)["stages"]:
+    model_config = spec.model_config(name, config.device)
+    for entry in model_config["stages"]:
         resolve(ModelRef(entry["model"], alias=entry["alias"]), client)  # fails clearly if a stage has no such alias
-    with _start_run(config, f"register-{name}"), _quiet_log_model():
-        info = mlflow.pyfunc.log_model(
-            name="cascade",
-            python_model=str(CASCADE_MODEL_CODE),
-            model_config=spec.model_config(name, config.device),
-            pip_requirements=pip_requirements(),
-            signature=prompt_signature(),
-            registered_model_name=name,
-        )
-    version = str(info.registered_model_version)
-    client.set_registered_model_tag(name, KIND_TAG, "cascade")
-    previous = client.get_registered_model(name).aliases.get(CHAMPION)
-    tags = {
-        "stages": ",".join(spec.stages),
-        "stage_alias": spec.alias,
-        "git_commit": config.git_commit or current_git_commit(),
-        PREVIOUS_CHAMPION_TAG: previous or "none",
-    }
-    for key, value in tags.items():
-        client.set_model_version_tag(name, version, key, value)
+    spec_hash = config_hash(model_config)
+    version = registered_version(client, name, CASCADE_SPEC_TAG, spec_hash)
+    if version is None:
+        previous = client.get_registered_model(name).aliases.get(CHAMPION) if client.search_registered_models(
+            filter_string=f"name = '{name}'") else None
+        tags = {
+            "stages": ",".join(spec.stages),
+            "stage_alias": spec.alias,
+            "git_commit": config.git_commit or current_git_commit(),
+            PREVIOUS_CHAMPION_TAG: previous or "none",
+            CASCADE_SPEC_TAG: spec_hash,
+        }
+        with _start_run(config, f"register-{name}"), _quiet_log_model():
+            info = mlflow.pyfunc.log_model(
+                name="cascade",
+                python_model=str(CASCADE_MODEL_CODE),
+                model_config=model_config,
+                pip_requirements=pip_requirements(),
+                signature=prompt_signature(),
+            )
+            version = _create_version(client, name, info, tags)
+        client.set_registered_model_tag(name, KIND_TAG, "cascade")
     client.set_registered_model_alias(name, CHAMPION, version)
     return version

@@ -1,0 +1,171 @@
+"""The pipeline config behind `imagen run`: one TOML file, a table per step, every field typed and checked.
+
+```toml
+run_dir = "runs/my-run"             # every step writes under it
+tracking_uri = "http://mlflow:5000" # default: sqlite:///<run_dir>/mlflow.db
+model_name = "imagen"               # registry names: <model_name>-<stage> and the cascade <model_name>
+[ray]      address = "auto"
+[ingest]   url_list.paths = ["s3://bucket/urls/"] ...     (pipelines.ingest.IngestConfig, less output_dir)
+[curate]   score.clip = {...}  select.* ...                (pipelines.curate.CurateConfig)
+[embed]    text_encoder = {...}  pool = {...}               (pipelines.embed.EmbedConfig)
+[train.base] stage = "paper_base_2b" ...                   (pipelines.train.config.TrainConfig, less paths)
+[evaluate] metrics = ["eval_loss", "clip_score"] ...       (pipelines.registry.evaluate.EvalConfig)
+[register] ...   [promote] metric = "eval_loss" ...
+```
+
+The paths a step reads and writes follow from `run_dir` and are filled in here (a table may still set them);
+each training stage gets the embed step's text encoder unless its table names one. `load_pipeline_config`
+checks the whole tree before anything runs and names the bad field.
+"""
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from collections.abc import Sequence
+from typing import Any
+
+from imagen_core.config_io import ConfigError, apply_override, build, load_file
+from pipelines.curate import CurateConfig
+from pipelines.embed import EmbedConfig
+from pipelines.ingest import IngestConfig
+from pipelines.ray_env import RayConfig
+from pipelines.registry.evaluate import EvalConfig
+from pipelines.train.config import TrainConfig
+
+INGEST_DIR, SCORES_DIR, CURATE_DIR, EMBED_DIR, HELDOUT_DIR = "ingest", "scores", "curate", "embed", "heldout"
+TRAIN_DIR, REGISTRY_DIR = "train", "registry"
+
+
+@dataclasses.dataclass(kw_only=True, frozen=True)
+class PromoteConfig:
+    """Metric-gated promotion of each stage's challenger to champion (pipelines/registry/promote.py)."""
+
+    metric: str = "eval_loss"
+    """The evaluation metric that decides (a name from [evaluate] metrics)."""
+    min_abs: float = 0.0
+    """Minimum absolute improvement over the champion."""
+    min_rel: float = 0.01
+    """Minimum relative improvement over the champion."""
+
+
+@dataclasses.dataclass(kw_only=True, frozen=True)
+class RegisterStepConfig:
+    """Registration of every stage and of the cascade that chains them by alias."""
+
+    experiment: str | None = None
+    """Experiment of registration runs without a training run (None: the pipeline's experiment)."""
+    cascade_alias: str = "champion"
+    """The alias each stage is resolved by when the cascade model loads."""
+    device: str = "cpu"
+    """Device the registered pyfunc models load onto by default."""
+
+
+@dataclasses.dataclass(kw_only=True, frozen=True)
+class PipelineConfig:
+    """The whole run: URL list -> ingest -> curate -> embed -> train every stage -> register, evaluate, promote."""
+
+    run_dir: str
+    """Where every step writes (ingest/, scores/, curate/, embed/, train/<stage>/, heldout/, registry/)."""
+    tracking_uri: str | None = None
+    """MLflow tracking URI; None: sqlite:///<run_dir>/mlflow.db."""
+    experiment: str = "imagen"
+    """MLflow experiment of the pipeline run, its steps and the trainings."""
+    model_name: str = "imagen"
+    """Registered names: `<model_name>-<stage>` per stage and `<model_name>` for the cascade."""
+    seed: int = 0
+    """Seeds training (a stage table's own `seed` wins)."""
+    log_file: str | None = None
+    """Where Ray, DeepSpeed and library logs go (None: <run_dir>/run.log); the terminal gets a line per step."""
+    ray: RayConfig = RayConfig()
+    ingest: IngestConfig
+    curate: CurateConfig
+    embed: EmbedConfig
+    train: dict[str, TrainConfig]
+    """One table per cascade stage, base first (`[train.base]`, `[train.sr1]`, ...)."""
+    evaluate: EvalConfig = EvalConfig()
+    register: RegisterStepConfig = RegisterStepConfig()
+    promote: PromoteConfig = PromoteConfig()
+
+    def __post_init__(self) -> None:
+        if not self.train:
+            raise ValueError("train: give at least one stage table, e.g. [train.base] stage = \"demo_base\"")
+        stages = [t.stage for t in self.train.values()]
+        if stages[0].is_super_resolution or not all(s.is_super_resolution for s in stages[1:]):
+            raise ValueError(f"train: the first stage table must be the base stage and the rest super-resolution "
+                             f"stages; got {[(n, 'sr' if s.is_super_resolution else 'base') for n, s in zip(self.train, stages)]}")
+        if self.promote.metric not in self.evaluate.metrics:
+            raise ValueError(f"promote.metric {self.promote.metric!r} is not computed: evaluate.metrics is "
+                             f"{list(self.evaluate.metrics)}")
+
+    @property
+    def root(self) -> pathlib.Path:
+        return pathlib.Path(self.run_dir).resolve()
+
+    @property
+    def mlflow_uri(self) -> str:
+        return self.tracking_uri or f"sqlite:///{self.root / 'mlflow.db'}"
+
+    @property
+    def log_path(self) -> pathlib.Path:
+        return pathlib.Path(self.log_file) if self.log_file else self.root / "run.log"
+
+    def dir(self, name: str) -> pathlib.Path:
+        return self.root / name
+
+
+def _filled(data: dict[str, Any]) -> dict[str, Any]:
+    """The config tree with each step's paths (from run_dir) and the links between steps filled in."""
+    from imagen_core.recipes import stage_table
+
+    if "run_dir" not in data:
+        raise ConfigError("run_dir: missing; the pipeline config needs the directory every step writes under")
+    if not isinstance(data["run_dir"], str):
+        raise ConfigError(f"run_dir: expected str, got {type(data['run_dir']).__name__}")
+    root = pathlib.Path(data["run_dir"]).resolve()
+    out = dict(data)
+    tables = {name: out.get(name) for name in ("ingest", "curate", "embed", "train")}
+    for name, table in tables.items():
+        if table is None:
+            raise ConfigError(f"{name}: missing table [{name}]; see the config reference in the README")
+        if not isinstance(table, dict):
+            raise ConfigError(f"{name}: expected a table, got {type(table).__name__}")
+    out["ingest"] = {"output_dir": str(root / INGEST_DIR), **tables["ingest"]}
+    uri = data.get("tracking_uri") or f"sqlite:///{root / 'mlflow.db'}"
+    encoder = tables["embed"].get("text_encoder")
+    stages = {}
+    for name, table in tables["train"].items():
+        if not isinstance(table, dict):
+            raise ConfigError(f"train.{name}: expected a table of TrainConfig fields, got {type(table).__name__}")
+        table = dict(table)
+        if "stage" not in table:
+            raise ConfigError(f"train.{name}.stage: missing; name a recipe (e.g. stage = \"demo_base\") or give a table")
+        stage = stage_table(table["stage"])
+        stage = {**stage, "name": name}
+        if encoder is not None and "text_encoder" not in (table["stage"] if isinstance(table["stage"], dict) else {}):
+            stage["text_encoder"] = encoder  # condition on what the embed step stored
+        table["stage"] = stage
+        train_dir = root / TRAIN_DIR / name
+        table.setdefault("output_dir", str(train_dir))
+        table.setdefault("run_name", name)
+        table.setdefault("seed", data.get("seed", 0))
+        table["resume"] = True  # a pipeline always continues its own run
+        table["data"] = {"paths": [str(root / EMBED_DIR / "shards")], **table.get("data", {})}
+        table["checkpoint"] = {"storage_path": str(train_dir / "ray"), **table.get("checkpoint", {})}
+        table["tracking"] = {"tracking_uri": uri, "experiment": data.get("experiment", "imagen"),
+                             **table.get("tracking", {})}
+        stages[name] = table
+    out["train"] = stages
+    out["evaluate"] = {"heldout_dir": str(root / HELDOUT_DIR), **out.get("evaluate", {})}
+    return out
+
+
+def pipeline_config_from_dict(data: dict[str, Any], overrides: Sequence[str] = ()) -> PipelineConfig:
+    """Build and check a PipelineConfig from plain data plus `dotted.key=value` overrides."""
+    for assignment in overrides:
+        data = apply_override(data, assignment)
+    return build(PipelineConfig, _filled(data))
+
+
+def load_pipeline_config(path: str, overrides: Sequence[str] = ()) -> PipelineConfig:
+    """A pipeline config file (TOML/JSON) with `--set` overrides, checked; errors name the field."""
+    return pipeline_config_from_dict(load_file(path), overrides)

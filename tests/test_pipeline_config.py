@@ -1,0 +1,167 @@
+"""The pipeline config behind `imagen run`: built from the shipped demo file, paths filled from run_dir, and every
+kind of bad config (unknown key, wrong type, missing URL list, unreachable MLflow, a DeepSpeed setting the stage
+contradicts, a text width that differs from the embeddings') refused in seconds, before any step, naming the field."""
+from __future__ import annotations
+
+import json
+import time
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from imagen_core.config_io import ConfigError
+from imagen_core.recipes import tiny_text_encoder
+from jobs.cli import main
+from pipelines.demo.run import demo_table
+from pipelines.pipeline_config import pipeline_config_from_dict
+from pipelines.preflight import preflight, text_encoder_width
+
+
+@pytest.fixture
+def url_list(tmp_path):
+    path = tmp_path / "urls.parquet"
+    pq.write_table(pa.table({"url": ["http://127.0.0.1:9/a.png"], "caption": ["a red circle"]}), path)
+    return path
+
+
+def tiny_table(tmp_path, url_list) -> dict:
+    """The shipped demo config with its demo-made inputs swapped for the tiny T5 and a one-row URL list."""
+    data = demo_table()
+    data.pop("demo", None)
+    data["run_dir"] = str(tmp_path / "run")
+    data["ingest"]["url_list"] = {"paths": [str(url_list)]}
+    data["curate"]["score"] = {"clip": {"model_name": "local-dir:/nowhere"}}
+    encoder = tiny_text_encoder()
+    data["embed"] = {"text_encoder": {"kind": encoder.kind, "name": encoder.name}}
+    for stage, recipe in (("base", "tiny_base"), ("sr1", "tiny_sr")):
+        data["train"][stage]["stage"] = recipe
+    return data
+
+
+def test_demo_config_fills_paths_and_links_steps(tmp_path, url_list):
+    config = pipeline_config_from_dict(tiny_table(tmp_path, url_list))
+    root = tmp_path / "run"
+    assert config.ingest.output_dir == str(root / "ingest")
+    assert list(config.train) == ["base", "sr1"]
+    for name, train in config.train.items():
+        assert train.stage.name == name and train.run_name == name and train.resume
+        assert train.output_dir == str(root / "train" / name)
+        assert train.data.paths == (str(root / "embed" / "shards"),)
+        assert train.stage.text_encoder == config.embed.text_encoder  # conditioned on what embed stores
+        assert train.tracking.tracking_uri == config.mlflow_uri == f"sqlite:///{root / 'mlflow.db'}"
+    assert config.train["base"].total_steps == 600 and config.train["sr1"].stage.is_super_resolution
+    assert config.evaluate.heldout_dir == str(root / "heldout")
+    assert config.promote.metric == "eval_loss" in config.evaluate.metrics
+
+
+@pytest.mark.parametrize("assignment, named", [
+    ("curate.select.near_dup.treshold=0.5", "curate.select.near_dup: unknown key(s) ['treshold']"),
+    ("train.base.total_steps='many'", "train.base.total_steps: expected int"),
+    ("evaluate.metrics=['eval_loss', 'beauty']", "evaluate.metrics[1]: 'beauty' is not one of"),
+    ("promote.metric='fid'", "promote.metric 'fid' is not computed"),
+    ("train.base.optim.kind='adafactor'", "train.base: optim.kind='adafactor' needs ZeRO stage 0"),
+    ("bogus=1", "unknown key(s) ['bogus']"),
+])
+def test_bad_fields_are_named(tmp_path, url_list, assignment, named):
+    from imagen_core.config_io import apply_override
+
+    with pytest.raises(ConfigError) as error:
+        pipeline_config_from_dict(apply_override(tiny_table(tmp_path, url_list), assignment))
+    assert named in str(error.value)
+
+
+def test_text_width_that_differs_from_the_embeddings_is_refused(tmp_path, url_list):
+    data = tiny_table(tmp_path, url_list)
+    width = text_encoder_width(tiny_text_encoder())
+    assert width == 64
+    data["train"]["sr1"]["stage"] = {"recipe": "tiny_sr", "unet": {"text_embed_dim": 32}}
+    with pytest.raises(ConfigError, match=r"train.sr1.stage.unet.text_embed_dim is 32 .* gives 64-wide"):
+        preflight(pipeline_config_from_dict(data))
+
+
+def test_stage_text_encoder_other_than_the_embed_steps_is_refused(tmp_path, url_list):
+    data = tiny_table(tmp_path, url_list)
+    data["train"]["base"]["stage"] = {"recipe": "tiny_base", "text_encoder": {"kind": "t5", "name": "google/t5-v1_1-xxl"}}
+    with pytest.raises(ConfigError, match="train.base.stage.text_encoder is .* but embed.text_encoder is"):
+        preflight(pipeline_config_from_dict(data))
+
+
+def test_deepspeed_setting_the_trainer_contradicts_is_named(tmp_path, url_list):
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"optimizer": {"type": "AdamW"}, "zero_optimization": {"stage": 2}}))
+    data = tiny_table(tmp_path, url_list)
+    data["train"]["base"]["scaling"]["deepspeed_config"] = str(ds)
+    with pytest.raises(ConfigError, match=r"train.base.scaling: DeepSpeed config .* has an 'optimizer' section"):
+        preflight(pipeline_config_from_dict(data))
+
+
+def _run_cli(capsys, argv):
+    started = time.monotonic()
+    code = main(argv)
+    return code, capsys.readouterr().err, time.monotonic() - started
+
+
+def _write_toml(path, data) -> str:
+    """A small TOML writer for the nested tables of a config (strings, numbers, booleans, lists)."""
+    def value(v):
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        if isinstance(v, (list, tuple)):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        return json.dumps(v)
+
+    def table(prefix, d, out):
+        scalars = {k: v for k, v in d.items() if not isinstance(v, dict)}
+        if prefix and scalars:
+            out.append(f"[{prefix}]")
+        out.extend(f"{k} = {value(v)}" for k, v in scalars.items())
+        for k, v in d.items():
+            if isinstance(v, dict):
+                table(f"{prefix}.{k}" if prefix else k, v, out)
+        return out
+
+    path.write_text("\n".join(table("", data, [])) + "\n")
+    return str(path)
+
+
+def test_run_with_a_missing_url_list_fails_in_seconds_before_any_step(capsys, tmp_path, url_list):
+    data = tiny_table(tmp_path, url_list)
+    data["ingest"]["url_list"]["paths"] = [str(tmp_path / "nope.parquet")]
+    code, err, seconds = _run_cli(capsys, ["run", _write_toml(tmp_path / "p.toml", data)])
+    assert code == 2 and "nope.parquet" in err and seconds < 30
+    assert not (tmp_path / "run").exists(), "nothing is written before the checks pass"
+
+
+def test_run_with_an_unreachable_tracking_server_fails_in_seconds(capsys, tmp_path, url_list):
+    data = tiny_table(tmp_path, url_list)
+    data["tracking_uri"] = "http://127.0.0.1:9"
+    code, err, seconds = _run_cli(capsys, ["run", _write_toml(tmp_path / "p.toml", data)])
+    assert code == 2 and "http://127.0.0.1:9" in err and seconds < 30
+    assert not (tmp_path / "run").exists()
+
+
+def test_run_names_a_bad_override(capsys, tmp_path, url_list):
+    path = _write_toml(tmp_path / "p.toml", tiny_table(tmp_path, url_list))
+    code, err, _ = _run_cli(capsys, ["run", path, "--set", "train.sr1.scaling.zero_stage=5"])
+    assert code == 2 and "train.sr1.scaling.zero_stage: 5 fits none of" in err
+
+
+def test_every_data_command_takes_config_and_set_with_named_errors(capsys, tmp_path):
+    cases = [
+        (["data", "curate", "--ingest", "i", "--out", "o", "--clip-model", "local-dir:x",
+          "--set", "curate.select.near_dup.treshold=1"], "curate.select.near_dup: unknown key(s) ['treshold']"),
+        (["data", "embed", "--curate", "c", "--out", "o", "--set", "embed.pool.size=0"], "embed.pool"),
+        (["data", "ingest", "--urls", "u.parquet", "--out", "o", "--set", "ingest.rows_per_shard=-1"],
+         "ingest: rows_per_shard must be >= 1"),
+        (["data", "search", "q", "--data", "d", "--set", "k='ten'"], "k: expected int"),
+        (["registry", "evaluate", "--stage", "base", "--metrics", "eval_loss", "beauty"], "'beauty' is not one of"),
+        (["sample", "a red circle"], "give either model"),
+    ]
+    for argv, named in cases:
+        code, err, seconds = _run_cli(capsys, argv)
+        assert code == 2 and seconds < 30, (argv, err)
+        if named:
+            assert named in err, (argv, err)
