@@ -1,7 +1,9 @@
 """Starting or joining Ray with the environment every worker needs."""
 from __future__ import annotations
 
+import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 # Variables copied from the driver into every Ray worker: offline switches must reach the workers
@@ -16,7 +18,42 @@ FORWARDED_ENV = (
     "WANDB_MODE",
     "TOKENIZERS_PARALLELISM",
     "MLFLOW_TRACKING_URI",
+    "TORCH_DISTRIBUTED_DEBUG",
+    "IMAGEN_CACHE_DIR",
 )
+FORWARDED_PREFIXES = (
+    "NCCL_",        # NCCL itself: NCCL_DEBUG, NCCL_SOCKET_IFNAME, NCCL_IB_*, NCCL_PROTO, NCCL_TIMEOUT...
+    "TORCH_NCCL_",  # PyTorch's NCCL process group: TORCH_NCCL_ASYNC_ERROR_HANDLING, TORCH_NCCL_BLOCKING_WAIT...
+    "FI_",          # libfabric, the EFA transport on AWS: FI_PROVIDER=efa, FI_EFA_USE_DEVICE_RDMA, FI_EFA_FORK_SAFE...
+    "OFI_NCCL_",    # the aws-ofi-nccl plugin (NCCL over libfabric): OFI_NCCL_DISABLE_GDR_REQUIRED_CHECK...
+    "RDMAV_",       # rdma-core: RDMAV_FORK_SAFE (EFA with forking data loaders)
+    "GLOO_",        # gloo's interface for CPU collectives: GLOO_SOCKET_IFNAME
+)
+"""Prefixes of collective-communication settings forwarded to the workers (where the NCCL communicators live):
+set them once where the driver runs (`ray job submit`'s shell, the RayJob's runtimeEnvYAML) instead of on every
+node. Node-specific values (an interface name that differs between the CPU head and the GPU nodes) belong in the
+nodes' own environment instead: a forwarded value replaces the node's. CUDA_VISIBLE_DEVICES is never forwarded
+(Ray assigns it per worker)."""
+JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+"""Set by Ray in the driver of a submitted job: its job config, whose runtime_env.env_vars reach every worker."""
+
+
+def forwarded_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The driver variables init_ray hands to every worker: FORWARDED_ENV by name, FORWARDED_PREFIXES by prefix.
+
+    Inside a submitted Ray job (`ray job submit`, a KubeRay RayJob) the variables the job's own runtime_env sets
+    already reach the workers and are left out: Ray refuses a driver runtime_env repeating a job's variable."""
+    environ = os.environ if environ is None else environ
+    env = {k: v for k, v in environ.items() if k in FORWARDED_ENV or k.startswith(FORWARDED_PREFIXES)}
+    return {k: v for k, v in sorted(env.items()) if k not in _job_env_vars(environ)}
+
+
+def _job_env_vars(environ: Mapping[str, str]) -> set[str]:
+    try:
+        job_config = json.loads(environ.get(JOB_CONFIG_ENV) or "{}")
+        return set(((job_config.get("runtime_env") or {}).get("env_vars") or {}))
+    except (ValueError, AttributeError):
+        return set()
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -28,14 +65,15 @@ class RayConfig:
 
 
 def init_ray(config: RayConfig = RayConfig()) -> None:
-    """Start a local Ray or join a cluster, forwarding the offline/accelerator environment to workers."""
+    """Start a local Ray or join a cluster, forwarding the offline/accelerator/NCCL environment to workers
+    (`forwarded_env`)."""
     import ray
 
     if ray.is_initialized():
         return
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     os.environ.setdefault("WANDB_MODE", "disabled")
-    env_vars = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    env_vars = forwarded_env()
     ray.init(
         address=config.address,
         num_cpus=config.num_cpus if config.address is None else None,
