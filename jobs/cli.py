@@ -68,7 +68,9 @@ def _run(args: argparse.Namespace) -> Any:
     from pipelines.pipeline import run_pipeline
     from pipelines.pipeline_config import pipeline_config_from_dict
 
-    summary = run_pipeline(pipeline_config_from_dict(_data(args)))
+    from imagen_core.config_io import load_file
+
+    summary = run_pipeline(pipeline_config_from_dict(load_file(args.config), args.set))
     _print_where_to_look(summary)
     return None
 

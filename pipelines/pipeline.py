@@ -35,11 +35,11 @@ from pipelines.pipeline_config import (
     PipelineConfig,
 )
 from pipelines.run_output import RunOutput, count_files, count_lines
+from pipelines.status import STATE_FILE
 from pipelines.step import StepDir, StepKeyMismatch, atomic_write_json, step_key
 
 log = logging.getLogger("imagen.pipeline")
 
-STATE_FILE = "pipeline_state.json"
 SUPERSEDED_DIR = "superseded"
 
 

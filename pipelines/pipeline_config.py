@@ -93,6 +93,10 @@ class PipelineConfig:
         if stages[0].is_super_resolution or not all(s.is_super_resolution for s in stages[1:]):
             raise ValueError(f"train: the first stage table must be the base stage and the rest super-resolution "
                              f"stages; got {[(n, 'sr' if s.is_super_resolution else 'base') for n, s in zip(self.train, stages)]}")
+        for (low, a), (high, b) in zip(self.train.items(), list(self.train.items())[1:]):
+            if b.stage.lowres_size != a.stage.image_size:
+                raise ValueError(f"train.{high}.stage.lowres_size is {b.stage.lowres_size} but the stage before it, "
+                                 f"train.{low}, makes {a.stage.image_size} px images")
         if self.promote.metric not in self.evaluate.metrics:
             raise ValueError(f"promote.metric {self.promote.metric!r} is not computed: evaluate.metrics is "
                              f"{list(self.evaluate.metrics)}")
@@ -139,10 +143,9 @@ def _filled(data: dict[str, Any]) -> dict[str, Any]:
         table = dict(table)
         if "stage" not in table:
             raise ConfigError(f"train.{name}.stage: missing; name a recipe (e.g. stage = \"demo_base\") or give a table")
-        stage = stage_table(table["stage"])
-        stage = {**stage, "name": name}
-        if encoder is not None and "text_encoder" not in (table["stage"] if isinstance(table["stage"], dict) else {}):
-            stage["text_encoder"] = encoder  # condition on what the embed step stored
+        stage = {**stage_table(table["stage"]), "name": name}
+        if encoder is not None:
+            stage["text_encoder"] = encoder  # one source of truth: a stage is conditioned on what embed stores
         table["stage"] = stage
         train_dir = root / TRAIN_DIR / name
         table.setdefault("output_dir", str(train_dir))
@@ -159,11 +162,44 @@ def _filled(data: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def pipeline_config_from_dict(data: dict[str, Any], overrides: Sequence[str] = ()) -> PipelineConfig:
-    """Build and check a PipelineConfig from plain data plus `dotted.key=value` overrides."""
+def with_stage_tables(data: dict[str, Any]) -> dict[str, Any]:
+    """Each `train.<stage>.stage` given by recipe name expanded to its whole table, so that an override such
+    as `train.base.stage.sampler.steps=10` changes one field of the recipe."""
+    from imagen_core.recipes import stage_table
+
+    train = data.get("train")
+    if not isinstance(train, dict):
+        return data
+    def expanded(stage: Any) -> dict[str, Any]:  # the text encoder is the embed step's (filled in later)
+        return {k: v for k, v in stage_table(stage).items() if k != "text_encoder"}
+
+    tables = {name: {**t, "stage": expanded(t["stage"])} if isinstance(t, dict) and "stage" in t else t
+              for name, t in train.items()}
+    return {**data, "train": tables}
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """`--set dotted.key=value` overrides on a pipeline config's plain data (stage recipes expanded first)."""
+    _refuse_stage_encoders(data, overrides)
+    data = with_stage_tables(data)
     for assignment in overrides:
         data = apply_override(data, assignment)
-    return build(PipelineConfig, _filled(data))
+    return data
+
+
+def _refuse_stage_encoders(data: dict[str, Any], overrides: Sequence[str]) -> None:
+    """A stage's text encoder is the embed step's; setting one per stage would condition it on other
+    embeddings than the ones it trains on."""
+    given = [f"train.{name}.stage.text_encoder" for name, t in (data.get("train") or {}).items()
+             if isinstance(t, dict) and isinstance(t.get("stage"), dict) and "text_encoder" in t["stage"]]
+    given += [a.partition("=")[0] for a in overrides if ".stage.text_encoder" in a.partition("=")[0]]
+    if given:
+        raise ConfigError(f"{given[0]}: a stage takes the embed step's text encoder; set embed.text_encoder instead")
+
+
+def pipeline_config_from_dict(data: dict[str, Any], overrides: Sequence[str] = ()) -> PipelineConfig:
+    """Build and check a PipelineConfig from plain data plus `dotted.key=value` overrides."""
+    return build(PipelineConfig, _filled(apply_overrides(data, overrides)))
 
 
 def load_pipeline_config(path: str, overrides: Sequence[str] = ()) -> PipelineConfig:

@@ -12,7 +12,8 @@ import pathlib
 import socket
 from typing import Any
 
-from pipelines.pipeline import STATE_FILE
+STATE_FILE = "pipeline_state.json"
+"""Written by the pipeline's driver (pipelines/pipeline.py RunState); read here without importing the pipeline."""
 
 
 def _driver_alive(state: dict[str, Any]) -> bool:

@@ -13,6 +13,8 @@ import pytest
 from imagen_core.config_io import ConfigError
 from imagen_core.recipes import tiny_text_encoder
 from jobs.cli import main
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 from pipelines.demo.run import demo_table
 from pipelines.pipeline_config import pipeline_config_from_dict
 from pipelines.preflight import preflight, text_encoder_width
@@ -80,11 +82,18 @@ def test_text_width_that_differs_from_the_embeddings_is_refused(tmp_path, url_li
         preflight(pipeline_config_from_dict(data))
 
 
-def test_stage_text_encoder_other_than_the_embed_steps_is_refused(tmp_path, url_list):
+def test_a_stage_text_encoder_is_refused_the_embed_steps_is_the_one(tmp_path, url_list):
     data = tiny_table(tmp_path, url_list)
     data["train"]["base"]["stage"] = {"recipe": "tiny_base", "text_encoder": {"kind": "t5", "name": "google/t5-v1_1-xxl"}}
-    with pytest.raises(ConfigError, match="train.base.stage.text_encoder is .* but embed.text_encoder is"):
-        preflight(pipeline_config_from_dict(data))
+    with pytest.raises(ConfigError, match="train.base.stage.text_encoder: a stage takes the embed step's"):
+        pipeline_config_from_dict(data)
+    with pytest.raises(ConfigError, match="train.sr1.stage.text_encoder.max_length: a stage takes"):
+        pipeline_config_from_dict(tiny_table(tmp_path, url_list), ["train.sr1.stage.text_encoder.max_length=8"])
+
+
+def test_an_override_changes_one_field_of_a_stage_recipe(tmp_path, url_list):
+    config = pipeline_config_from_dict(tiny_table(tmp_path, url_list), ["train.base.stage.sampler.steps=7"])
+    assert config.train["base"].stage.sampler.steps == 7 and config.train["base"].stage.name == "base"
 
 
 def test_deepspeed_setting_the_trainer_contradicts_is_named(tmp_path, url_list):
@@ -165,3 +174,45 @@ def test_every_data_command_takes_config_and_set_with_named_errors(capsys, tmp_p
         assert code == 2 and seconds < 30, (argv, err)
         if named:
             assert named in err, (argv, err)
+
+
+def test_shipped_paper_pipeline_config_builds_to_the_paper_cascade():
+    from pipelines.pipeline_config import load_pipeline_config
+    from pipelines.preflight import check_stages
+
+    config = load_pipeline_config(str(ROOT / "cluster" / "run" / "paper.toml"))
+    assert list(config.train) == ["base", "sr1", "sr2"]
+    sizes = [(t.stage.lowres_size, t.stage.image_size) for t in config.train.values()]
+    assert sizes == [(None, 64), (64, 256), (256, 1024)] and config.train["sr2"].data.train_crop == 256
+    for train in config.train.values():
+        assert train.stage.text_encoder.name == "google/t5-v1_1-xxl" and train.stage.unet.text_embed_dim == 4096
+        assert train.scaling.precision == "bf16" and train.scaling.use_gpu
+    check_stages(config)  # DeepSpeed settings resolve for every stage
+
+
+def test_a_super_resolution_stage_must_take_the_previous_stages_size(tmp_path, url_list):
+    data = tiny_table(tmp_path, url_list)
+    data["train"]["sr1"]["stage"] = {"recipe": "tiny_sr", "lowres_size": 8}
+    with pytest.raises(ConfigError, match="train.sr1.stage.lowres_size is 8 but the stage before it, train.base, makes 16"):
+        pipeline_config_from_dict(data)
+
+
+def test_stage_trainings_run_together_only_when_the_cluster_holds_all_of_them(tmp_path, url_list):
+    from pipelines.pipeline import fits_together, stage_demand
+
+    config = pipeline_config_from_dict(tiny_table(tmp_path, url_list))
+    demands = [stage_demand(t) for t in config.train.values()]
+    assert demands == [{"CPU": 2.0}, {"CPU": 2.0}]  # 2 workers x 0.5 CPU + 1 CPU for each input pipeline
+    assert not fits_together(demands, {"CPU": 2.0})  # this 2-core machine: one after another
+    assert fits_together(demands, {"CPU": 4.0})
+    gpu = pipeline_config_from_dict(load_paper_table(), [])
+    gpu_demands = [stage_demand(t) for t in gpu.train.values()]
+    assert gpu_demands[0] == {"CPU": 64 * 8 + 1.0, "GPU": 64.0}
+    assert not fits_together(gpu_demands, {"CPU": 4000.0, "GPU": 256.0})
+    assert fits_together(gpu_demands, {"CPU": 4000.0, "GPU": 320.0})
+
+
+def load_paper_table() -> dict:
+    from imagen_core.config_io import load_file
+
+    return load_file(str(ROOT / "cluster" / "run" / "paper.toml"))

@@ -46,10 +46,9 @@ def demo_config_path() -> str:
 
 def demo_table(path: str | None = None, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """The demo config as plain data with `--set` overrides applied."""
-    data = load_file(path or demo_config_path())
-    for assignment in overrides:
-        data = apply_override(data, assignment)
-    return data
+    from pipelines.pipeline_config import apply_overrides
+
+    return apply_overrides(load_file(path or demo_config_path()), overrides)
 
 
 def demo_select() -> Any:
