@@ -3,8 +3,9 @@
 Fast: the tiny recipes name the T5 shipped in the package (`imagen-asset:tiny-t5`); a stage whose encoder is a
 local directory or file carries it (`text_encoder/` in the checkpoint, sha256-recorded, named `checkpoint:...`)
 and loads after the checkpoint is moved and the source deleted, from another working directory; a damaged carried
-file is refused; registration carries what an export did not; the git commit comes from $IMAGEN_GIT_COMMIT or the
-installed package's record and never fails outside a checkout.
+file is refused; two stages carrying the demo-style CLIP tower share one loaded encoder; registration carries what
+an export did not; the git commit comes from $IMAGEN_GIT_COMMIT or the installed package's record and never fails
+outside a checkout.
 
 Slow: a non-editable install of a copy of this tree into a fresh virtual environment (dependencies reused from
 .venv through a .pth file, the checkout nowhere on sys.path) trains the tiny stage with the installed `imagen`
@@ -36,6 +37,7 @@ from imagen_core.checkpoint import (
     resolve_text_encoder,
     save_checkpoint,
 )
+from imagen_core.diffusion.samplers import SamplerConfig
 from imagen_core.recipes import TINY_T5_DIR, paper_text_encoder, stage_tiny_base
 from imagen_core.stage import DiffusionStage
 from imagen_core.text_encoder import (
@@ -156,6 +158,50 @@ def test_open_clip_folders_and_checkpoint_files_are_carried_in_their_form(tmp_pa
     for portable in (paper_text_encoder(), TextEncoderConfig(kind="open_clip", name="ViT-B-32", pretrained="openai")):
         directory = save_checkpoint_dir(portable, tmp_path / portable.kind)
         assert not carry_text_encoder(directory) and not (directory / "text_encoder").exists()
+
+
+def tiny_clip_folder(directory: pathlib.Path) -> pathlib.Path:
+    """An open_clip "local-dir:" folder as pipelines.clip_model.fit_tiny_clip writes it (random weights)."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    from pipelines.clip_model import CHECKPOINT_FILE, CONFIG_FILE, TINY_CLIP_CONFIG, register_tiny_clip
+
+    torch.manual_seed(0)
+    model = open_clip.create_model(register_tiny_clip())
+    directory.mkdir(parents=True)
+    (directory / CONFIG_FILE).write_text(json.dumps({"model_cfg": TINY_CLIP_CONFIG, "preprocess_cfg": {}}))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(directory / CHECKPOINT_FILE))
+    return directory
+
+
+def test_demo_style_clip_tower_travels_and_one_encoder_serves_the_cascade(tmp_path, monkeypatch):
+    """The demo's frozen encoder is its fitted CLIP's text tower, named "local-dir:<run>/clip": both stages carry
+    it, and loaded elsewhere they resolve to one directory, so the cascade builds one encoder."""
+    from imagen_core.cascade import Cascade
+    from imagen_core.recipes import stage_tiny_sr
+
+    folder = tiny_clip_folder(tmp_path / "run" / "clip")
+    encoder = TextEncoderConfig(kind="open_clip", name=f"local-dir:{folder}", max_length=32)
+    reference = build_text_encoder(encoder).encode(CAPTIONS)[0]
+    base = save_stage(tiny_stage(encoder), tmp_path / "export" / "base")
+    sr = stage_tiny_sr()
+    sr = dataclasses.replace(sr, unet=dataclasses.replace(sr.unet, image_size=16), lowres_size=8, text_encoder=encoder)
+    save_stage(DiffusionStage(sr).eval(), tmp_path / "export" / "sr1")
+    assert read_manifest(base)["config"]["text_encoder"]["name"] == "local-dir:checkpoint:text_encoder"
+
+    shutil.move(tmp_path / "export", tmp_path / "elsewhere")
+    shutil.rmtree(tmp_path / "run")
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    monkeypatch.setenv("IMAGEN_CACHE_DIR", str(tmp_path / "cache"))
+    stages = [load_stage(tmp_path / "elsewhere" / name) for name in ("base", "sr1")]
+    assert stages[0].config.text_encoder == stages[1].config.text_encoder
+    cascade = Cascade.from_stages(stages)
+    assert len(cascade.encoders) == 1
+    (loaded,) = cascade.encoders.values()
+    assert torch.equal(loaded.encode(CAPTIONS)[0], reference)
+    images = cascade.sample(["a red circle"], sampler=SamplerConfig(kind="ddim", steps=2))
+    assert images[-1].shape == (1, 3, 16, 16)
 
 
 def test_registration_carries_an_encoder_the_export_named_by_path(tmp_path):
