@@ -54,8 +54,12 @@ def kill_9(proc: subprocess.Popen) -> None:
     """kill -9 the driver's process group and every process under it (Ray's workers have groups of their own)."""
     import psutil
 
-    tree = psutil.Process(proc.pid).children(recursive=True)
-    os.killpg(proc.pid, signal.SIGKILL)
+    try:
+        tree = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:  # it ended on its own (a failure the caller reports)
+        tree = []
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
     for child in tree:
         with contextlib.suppress(psutil.NoSuchProcess):
             child.kill()
