@@ -2,7 +2,7 @@
 
 ```toml
 run_dir = "runs/my-run"             # every step writes under it
-tracking_uri = "http://mlflow:5000" # default: sqlite:///<run_dir>/mlflow.db
+tracking_uri = "http://mlflow:5000" # default: $MLFLOW_TRACKING_URI, else sqlite:///<run_dir>/mlflow.db
 model_name = "imagen"               # registry names: <model_name>-<stage> and the cascade <model_name>
 [ray]      address = "auto"
 [ingest]   url_list.paths = ["s3://bucket/urls/"] ...     (pipelines.ingest.IngestConfig, less output_dir)
@@ -20,6 +20,7 @@ checks the whole tree before anything runs and names the bad field.
 from __future__ import annotations
 
 import dataclasses
+import os
 import pathlib
 from collections.abc import Sequence
 from typing import Any
@@ -67,7 +68,7 @@ class PipelineConfig:
     run_dir: str
     """Where every step writes (ingest/, scores/, curate/, embed/, train/<stage>/, heldout/, registry/)."""
     tracking_uri: str | None = None
-    """MLflow tracking URI; None: sqlite:///<run_dir>/mlflow.db."""
+    """MLflow tracking URI; None: $MLFLOW_TRACKING_URI (a cluster's Secret), else sqlite:///<run_dir>/mlflow.db."""
     experiment: str = "imagen"
     """MLflow experiment of the pipeline run, its steps and the trainings."""
     model_name: str = "imagen"
@@ -107,7 +108,7 @@ class PipelineConfig:
 
     @property
     def mlflow_uri(self) -> str:
-        return self.tracking_uri or f"sqlite:///{self.root / 'mlflow.db'}"
+        return default_tracking_uri(self.tracking_uri, self.root)
 
     @property
     def log_path(self) -> pathlib.Path:
@@ -115,6 +116,10 @@ class PipelineConfig:
 
     def dir(self, name: str) -> pathlib.Path:
         return self.root / name
+
+
+def default_tracking_uri(given: str | None, root: pathlib.Path) -> str:
+    return given or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / 'mlflow.db'}"
 
 
 def _filled(data: dict[str, Any]) -> dict[str, Any]:
@@ -134,7 +139,7 @@ def _filled(data: dict[str, Any]) -> dict[str, Any]:
         if not isinstance(table, dict):
             raise ConfigError(f"{name}: expected a table, got {type(table).__name__}")
     out["ingest"] = {"output_dir": str(root / INGEST_DIR), **tables["ingest"]}
-    uri = data.get("tracking_uri") or f"sqlite:///{root / 'mlflow.db'}"
+    uri = default_tracking_uri(data.get("tracking_uri"), root)
     encoder = tables["embed"].get("text_encoder")
     stages = {}
     for name, table in tables["train"].items():

@@ -277,33 +277,31 @@ def test_every_imagen_command_parses_and_names_existing_configs():
             config = ROOT / args.config
             assert config.is_file(), f"{' '.join(argv)}: {args.config} does not exist in the repository"
             overrides = dict(s.split("=", 1) for s in args.set)
-            assert overrides.get("run_dir", "").startswith("s3://"), "the run directory is shared storage"
+            assert overrides.get("run_dir", "").startswith("/shared/"), "the run directory is on the shared mount"
     assert entrypoint[:3] == ["imagen", "run", "cluster/run/paper.toml"]
 
 
-def test_the_rayjobs_run_directory_stays_on_s3():
-    """The entrypoint's `--set run_dir=s3://...` must reach every step as an s3:// URI, not a local path."""
+def test_the_rayjobs_run_directory_is_on_the_volume_every_pod_mounts():
+    """The entrypoint's `--set run_dir=...` lies under a mount that the head and every worker group take from the
+    shared ReadWriteMany claim (every step's driver and workers read and write there)."""
     from imagen_core.config_io import load_file
     from pipelines.pipeline_config import pipeline_config_from_dict
 
-    argv = shlex.split(load(RAYJOB)["spec"]["entrypoint"])
+    job = load(RAYJOB)
+    argv = shlex.split(job["spec"]["entrypoint"])
     config_path, overrides = argv[2], [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
-    run_dir = dict(o.split("=", 1) for o in overrides)["run_dir"]
     assert (ROOT / config_path).is_file(), f"{config_path} does not exist in the repository"
     config = pipeline_config_from_dict(load_file(str(ROOT / config_path)), overrides)
-    bucket = run_dir.removeprefix("s3://").split("/")[0]
-
-    def strings(value):
-        if isinstance(value, dict):
-            return [s for v in value.values() for s in strings(v)]
-        if isinstance(value, (list, tuple)):
-            return [s for v in value for s in strings(v)]
-        return [value] if isinstance(value, str) else []
-
-    import dataclasses
-
-    paths = [s for s in strings(dataclasses.asdict(config)) if bucket in s]
-    assert paths and all(p.startswith("s3://") for p in paths), [p for p in paths if not p.startswith("s3://")][:5]
+    claim = load(ROOT / "cluster" / "kuberay" / "shared-pvc.yaml")
+    assert claim["kind"] == "PersistentVolumeClaim" and "ReadWriteMany" in claim["spec"]["accessModes"]
+    spec = job["spec"]["rayClusterSpec"]
+    pods = [spec["headGroupSpec"]["template"]["spec"], *(g["template"]["spec"] for g in spec["workerGroupSpecs"])]
+    for pod in pods:
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        mounts = [(m["mountPath"], m["name"]) for c in pod["containers"] for m in c.get("volumeMounts", [])]
+        shared = [path for path, name in mounts
+                  if volumes[name].get("persistentVolumeClaim", {}).get("claimName") == claim["metadata"]["name"]]
+        assert shared and str(config.root).startswith(shared[0] + "/"), (config.root, mounts)
 
 
 def test_dockerfile_copies_what_exists_and_installs_the_package_non_editable():

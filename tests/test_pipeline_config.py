@@ -216,3 +216,12 @@ def load_paper_table() -> dict:
     from imagen_core.config_io import load_file
 
     return load_file(str(ROOT / "cluster" / "run" / "paper.toml"))
+
+
+def test_tracking_uri_falls_back_to_the_environment_then_the_run_directory(tmp_path, url_list, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert pipeline_config_from_dict(tiny_table(tmp_path, url_list)).mlflow_uri.startswith("sqlite:///")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")  # a cluster's Secret sets it
+    config = pipeline_config_from_dict(tiny_table(tmp_path, url_list))
+    assert config.mlflow_uri == "http://127.0.0.1:5999"
+    assert all(t.tracking.tracking_uri == "http://127.0.0.1:5999" for t in config.train.values())
