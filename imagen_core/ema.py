@@ -2,7 +2,7 @@
 
 Samples are drawn with the EMA weights (decay 0.9999 in most diffusion work). The shadow copy is separate
 from the training weights, so resuming a run restores both and never loads one into the other (a known
-bug of open implementations, see IMAGEN_FACTS.md).
+bug of open implementations).
 """
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ Imagen conditions every cascade stage on the full sequence of a frozen T5-XXL's 
 not on a pooled vector; the same holds here for open_clip text towers (the paper's CLIP ablation).
 `encode` gives the batch form the U-Net takes, `(embeds (B, L, D), mask (B, L) bool)` with L the
 longest real token count in the batch; `encode_batched` gives each caption's real tokens only,
-which is what the embedding pipeline stores (IMAGEN_FACTS: padding to 128 tokens wastes ~35x).
+which is what the embedding pipeline stores (padding T5-XXL embeddings to 128 tokens costs about 35x a 256-px JPEG).
 
 Weights are never downloaded silently into a random model: anything that cannot be found raises
 `TextEncoderWeightsError` saying how to provide it.

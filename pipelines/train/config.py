@@ -86,7 +86,7 @@ class DataConfig:
 
 @dataclasses.dataclass(kw_only=True, frozen=True)
 class OptimConfig:
-    """Optimiser and EMA. Paper (IMAGEN_FACTS.md): Adafactor for the base, Adam (0.9, 0.999, 1e-8) for the SR
+    """Optimiser and EMA. Paper (App. F): Adafactor for the base, Adam (0.9, 0.999, 1e-8) for the SR
     stages, lr 1e-4, no weight decay."""
 
     kind: OptimizerKind = "adam"

@@ -2,7 +2,7 @@
 
 Per row the embed step stores key, caption, the encoded image, n_tokens and the caption's text embedding
 flattened to n_tokens * D fp16 values (D in the schema metadata): only real tokens, never padded to the
-encoder's max length (IMAGEN_FACTS "Storage arithmetic"). Here:
+encoder's max length (T5-XXL: 128 tokens x 4096 x 2 bytes = 1 MiB a caption in fp16). Here:
 
 - Ray Data CPU tasks (`DecodeImages`, map_batches) decode, resize the short side and centre-crop to the
   stage's resolution, and for a super-resolution stage also make the low-resolution conditioning image from
