@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import pathlib
 import re
 import time
@@ -33,17 +32,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image
 
+from pipelines.ann_index import IvfConfig
 from pipelines.clip_model import Clip, ClipConfig, check_clip_source, decode_image
+from pipelines.select_stages import (DECISION_COLUMNS, FILTER_ORDER, INGEST_META_COLUMNS, KEEP, KEPT_COLUMNS,  # noqa: F401
+                                     REJECT, SCORE_HIST_BINS, THUMB, PercentileCut, _Select, as_namespace,
+                                     caption_reasons, funnel, merge_funnels, per_sample_decisions, shard_funnel)
 from pipelines.step import (ActorPoolConfig, StepDir, atomic_write_parquet, finished_manifest,
                             map_shards_on_actor_pool, shard_ids_of, shard_path)
-
-KEEP, REJECT = "keep", "reject"
-THUMB = 8  # side of the RGB thumbnail kept per image for near-duplicate confirmation
-FILTER_ORDER = ("download", "decode", "min_size", "aspect_ratio", "caption", "unsafe", "clip_score",
-                "exact_duplicate", "near_duplicate")
-Found = list[list[tuple[str, str, str]]]  # per row: every failing (filter, reason code, detail), in order
-INGEST_META_COLUMNS = ("key", "url", "caption", "status", "width", "height", "original_width",
-                       "original_height", "sha256")
 
 
 # -- configs --------------------------------------------------------------------------------------
@@ -125,22 +120,50 @@ class ExactDupFilter:
 @dataclass(kw_only=True, frozen=True)
 class NearDupFilter:
     enabled: bool = True
-    """Drop a row whose CLIP image embedding is within `threshold` cosine of an earlier kept row
-    (and, unless max_thumbnail_mad is None, whose 8x8 thumbnail is close to that row's too)."""
+    """Drop a row whose CLIP image embedding is within `threshold` cosine of a row with a smaller key
+    that passed every per-sample filter, when the pixel checks below confirm it is the same picture.
+    Candidates come from an inverted-file index (k-means lists, pipelines/ann_index.py), compared only
+    within lists (pipelines/dedup.py)."""
     threshold: float = 0.95
     """CLIP image-image cosine above which two images are candidates for "the same picture"."""
-    max_thumbnail_mad: float | None = 3.0
-    """Confirmation: mean absolute difference of the two 8x8 RGB thumbnails (0-255 scale) at most
-    this. CLIP alone also merges different pictures of the same subject: on the demo corpus the tiny
-    CLIP puts distinct scenes that share a background at cosine 0.99, and CLIP-only dedup at 0.95
-    dropped 166 of 256 clean rows; with this check 18, while missing 2 of 20 shifted copies.
-    None: CLIP cosine alone (semantic deduplication)."""
+    max_thumbnail_mad: float | None = 8.0
+    """Cheap pre-check: mean absolute difference of the two 8x8 RGB thumbnails (0-255 scale) at most
+    this. None: skip it. Shifted copies of demo images reach 4.2, so 3.0 (the old sole check) missed
+    some; distinct demo scenes sharing a background go as low as 0.3, hence the pixel check below."""
+    max_changed_pixels: int | None = 2
+    """Confirmation: both images at 64x64, at the best shift up to max_shift_px, at most this many
+    pixels differ by more than pixel_tolerance (after a 2x2 erosion). Shifted, re-encoded demo copies
+    have 0-1; distinct scenes with the same layout (a circle against a cross) tens. On the demo corpus
+    (480 rows) it removes every planted copy and 3 of 308 clean rows (the 8x8 thumbnail check alone at
+    3.0: 29 clean rows). None: CLIP (and the thumbnail pre-check) alone, i.e. semantic deduplication."""
+    max_shift_px: int = 3
+    """Largest shift (pixels at 64x64) tried when aligning the two images."""
+    pixel_tolerance: int = 64
+    """Channel difference (0-255) above which a pixel counts as changed."""
+    rows_per_list: int = 1024
+    """Rows per k-means list of the index (lists = ceil(rows / rows_per_list)); each row is compared with
+    the members of its `nprobe` nearest lists only: work per row is O(nprobe x rows_per_list)."""
+    nprobe: int = 3
+    """Lists each row is compared in: its own and the next nearest (pairs split by a list border)."""
+    seed: int = 1234
+    """k-means seed (and of the key-hash sample it trains on)."""
 
     def __post_init__(self) -> None:
         if not -1.0 < self.threshold < 1.0:
             raise ValueError(f"NearDupFilter.threshold must be in (-1, 1), got {self.threshold}")
         if self.max_thumbnail_mad is not None and self.max_thumbnail_mad < 0:
             raise ValueError(f"NearDupFilter.max_thumbnail_mad must be >= 0 or None, got {self.max_thumbnail_mad}")
+        if self.max_changed_pixels is not None and self.max_changed_pixels < 0:
+            raise ValueError(f"NearDupFilter.max_changed_pixels must be >= 0 or None, got {self.max_changed_pixels}")
+        if not 0 <= self.max_shift_px <= 8 or not 0 <= self.pixel_tolerance <= 255:
+            raise ValueError(f"NearDupFilter needs 0 <= max_shift_px <= 8 and 0 <= pixel_tolerance <= 255, got "
+                             f"{self.max_shift_px}, {self.pixel_tolerance}")
+        if self.rows_per_list < 1 or self.nprobe < 1:
+            raise ValueError(f"NearDupFilter needs rows_per_list >= 1 and nprobe >= 1, got {self.rows_per_list}, "
+                             f"{self.nprobe}")
+
+    def ivf(self) -> IvfConfig:
+        return IvfConfig(rows_per_list=self.rows_per_list, seed=self.seed)
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -169,6 +192,38 @@ class UnsafeFilter:
 
 
 @dataclass(kw_only=True, frozen=True)
+class UnsafeClassifierFilter:
+    enabled: bool = False
+    """Reject images a trained unsafe-content head (LAION NSFW-detector shape: an MLP on the CLIP image
+    embedding, pipelines/heads.py) scores above max_score. Off by default: it needs a head file made
+    for the scoring CLIP."""
+    head: str | None = None
+    """The head's .safetensors file (required when enabled)."""
+    max_score: float = 0.5
+    """Highest allowed head output (a probability for a sigmoid head)."""
+
+    def __post_init__(self) -> None:
+        if self.enabled and not self.head:
+            raise ValueError("UnsafeClassifierFilter is enabled but names no head file (head = \"path.safetensors\")")
+
+
+@dataclass(kw_only=True, frozen=True)
+class AestheticFilter:
+    enabled: bool = False
+    """Reject images a trained aesthetic head (LAION improved-aesthetic-predictor shape: an MLP on the
+    CLIP image embedding, pipelines/heads.py) scores below min_score. Off by default: it needs a head
+    file made for the scoring CLIP."""
+    head: str | None = None
+    """The head's .safetensors file (required when enabled)."""
+    min_score: float = 5.0
+    """Lowest allowed head output (LAION-Aesthetics subsets cut at 5, 6 and 6.5 on its 1-10 scale)."""
+
+    def __post_init__(self) -> None:
+        if self.enabled and not self.head:
+            raise ValueError("AestheticFilter is enabled but names no head file (head = \"path.safetensors\")")
+
+
+@dataclass(kw_only=True, frozen=True)
 class SelectConfig:
     """The thresholds (the selection pass's step key): changing them never reruns CLIP."""
 
@@ -176,6 +231,8 @@ class SelectConfig:
     aspect: AspectFilter = field(default_factory=AspectFilter)
     caption: CaptionFilter = field(default_factory=CaptionFilter)
     unsafe: UnsafeFilter = field(default_factory=UnsafeFilter)
+    unsafe_classifier: UnsafeClassifierFilter = field(default_factory=UnsafeClassifierFilter)
+    aesthetic: AestheticFilter = field(default_factory=AestheticFilter)
     clip_score: ClipScoreFilter = field(default_factory=ClipScoreFilter)
     exact_dup: ExactDupFilter = field(default_factory=ExactDupFilter)
     near_dup: NearDupFilter = field(default_factory=NearDupFilter)
@@ -187,6 +244,9 @@ class CurateConfig:
     """Pass 1: CLIP scoring."""
     select: SelectConfig = field(default_factory=SelectConfig)
     """Pass 2: thresholds."""
+    search_index: IvfConfig | None = field(default_factory=IvfConfig)
+    """The index `imagen data search` queries, built over the kept rows after selection (None: build
+    it on the first search instead)."""
     pool: ActorPoolConfig = field(default_factory=ActorPoolConfig)
     """The scoring actors (size, CPUs and GPUs each, fractions allowed): resources, not part of any step key."""
 
@@ -300,282 +360,155 @@ def score(ingest_dir: str | pathlib.Path, score_dir: str | pathlib.Path, config:
     return step.manifest()  # as read back: JSON types, like a rerun returns
 
 
-# -- pass 2: select -------------------------------------------------------------------------------
-@dataclass
-class Candidates:
-    """Every input row's metadata and scores, in one frame (one row per ingested row)."""
+# -- the selection step -----------------------------------------------------------------------------------
+def _sub_step(job: _Select, name: str, shard_ids: Sequence[str], fn: Any, args: dict[str, tuple],
+              max_in_flight: int = 4) -> dict[str, Any]:
+    """Run `fn` (a ray.remote) for the not yet done ids of one work stage; returns their results."""
+    from pipelines.step import run_shards
 
-    meta: Any  # pandas.DataFrame: INGEST_META_COLUMNS + shard_id + score columns
-    embeddings: np.ndarray  # (N, E) float32 unit vectors, zeros where unscored
-    thumbnails: np.ndarray  # (N, THUMB*THUMB*3) int16 RGB thumbnails, zeros where unscored
-
-
-def load_candidates(ingest_dir: str | pathlib.Path, score_dir: str | pathlib.Path,
-                    shard_ids: Sequence[str]) -> Candidates:
-    """Join ingest metadata (no image bytes) with the scores, shard by shard."""
-    parts = []
-    for shard_id in shard_ids:
-        meta = pq.read_table(shard_path(ingest_dir, shard_id), columns=list(INGEST_META_COLUMNS))
-        scores = pq.read_table(shard_path(score_dir, shard_id))
-        if meta.column("key").to_pylist() != scores.column("key").to_pylist():
-            raise RuntimeError(f"score shard {shard_id} does not match its ingest shard: rerun scoring "
-                               f"into a fresh directory")
-        table = meta
-        for name in scores.column_names[1:]:
-            table = table.append_column(name, scores[name])
-        parts.append(table.append_column("shard_id", pa.array([shard_id] * meta.num_rows, pa.string())))
-    table = pa.concat_tables(parts)
-    emb_col = table["image_embedding"].combine_chunks()
-    embeddings = emb_col.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, emb_col.type.list_size)
-    thumbs = np.frombuffer(b"".join(table["thumbnail"].to_pylist()), np.uint8).reshape(table.num_rows, -1)
-    meta_df = table.drop_columns(["image_embedding", "thumbnail"]).to_pandas()
-    duplicated = meta_df["key"].duplicated()
-    if duplicated.any():
-        raise ValueError(f"ingest keys must be unique; repeated: {meta_df['key'][duplicated].head(5).tolist()}")
-    return Candidates(meta=meta_df, embeddings=embeddings, thumbnails=thumbs.astype(np.int16))
-
-
-def _caption_reasons(caption: str | None, cfg: CaptionFilter, patterns: list[re.Pattern]) -> list[str]:
-    text = " ".join((caption or "").split())
-    if not text:
-        return ["caption_empty"]
-    reasons = []
-    if re.fullmatch(r"(https?://|www\.)\S+", text, re.IGNORECASE):
-        reasons.append("caption_url_only")
-    if any(p.fullmatch(text) for p in patterns):
-        reasons.append("caption_boilerplate")
-    words = len(text.split())
-    if words < cfg.min_words:
-        reasons.append("caption_too_short")
-    if words > cfg.max_words:
-        reasons.append("caption_too_long")
-    return reasons
-
-
-def per_sample_reasons(meta: Any, config: SelectConfig) -> Found:
-    """For each row, every failing per-sample filter as (filter, reason code, detail), in FILTER_ORDER."""
-    patterns = [re.compile(p, re.IGNORECASE) for p in config.caption.boilerplate]
-    out = []
-    for row in meta.itertuples(index=False):
-        found: list[tuple[str, str, str]] = []
-        if row.status != "success":
-            found.append(("download", f"download_{row.status}", str(row.status)))
-            out.append(found)
-            continue  # nothing else can be judged without the image
-        if row.score_error is not None or _isnan(row.clip_score):
-            found.append(("decode", "undecodable", row.score_error or "not scored"))
-        w = _first_valid(row.original_width, row.width)
-        h = _first_valid(row.original_height, row.height)
-        if config.size.enabled and (w is None or min(w, h) < config.size.min_side):
-            found.append(("min_size", "too_small", f"{w}x{h} < {config.size.min_side}"))
-        if config.aspect.enabled and w and h and max(w, h) / min(w, h) > config.aspect.max_ratio:
-            ratio = max(w, h) / min(w, h)
-            found.append(("aspect_ratio", "bad_aspect_ratio", f"{ratio:.2f} > {config.aspect.max_ratio}"))
-        if config.caption.enabled:
-            reasons = _caption_reasons(row.caption, config.caption, patterns)
-            found += [("caption", r, repr(row.caption)[:80]) for r in reasons]
-        if config.unsafe.enabled and not _isnan(row.unsafe_margin) and row.unsafe_margin > config.unsafe.margin:
-            found.append(("unsafe", "unsafe", f"{row.unsafe_concept} by {row.unsafe_margin:.3f}"))
-        if (config.clip_score.mode == "absolute" and not _isnan(row.clip_score)
-                and row.clip_score < config.clip_score.min_score):
-            found.append(("clip_score", "low_clip_score", f"{row.clip_score:.3f} < {config.clip_score.min_score}"))
-        out.append(found)
-    return out
-
-
-def _isnan(x: Any) -> bool:
-    return x is None or (isinstance(x, float) and math.isnan(x))
-
-
-def _first_valid(*values: Any) -> int | None:
-    for v in values:
-        if not _isnan(v):
-            return int(v)
-    return None
-
-
-def near_duplicates(emb: np.ndarray, thumbs: np.ndarray, threshold: float, max_mad: float | None,
-                    block: int = 1024) -> list[int | None]:
-    """Greedy in row order: row i duplicates the most similar earlier *kept* row j with
-    cos(i, j) > threshold (and thumbnail MAD <= max_mad). Returns, per row, j or None.
-    Blocked: memory O(block x kept); at web scale the cosine search would be an ANN index."""
-    n = len(emb)
-    dup_of: list[int | None] = [None] * n
-    kept: list[int] = []
-
-    def same_picture(i: int, j: int) -> bool:
-        return max_mad is None or float(np.abs(thumbs[i] - thumbs[j]).mean()) <= max_mad
-
-    for start in range(0, n, block):
-        idx = range(start, min(n, start + block))
-        sims_kept = emb[idx.start:idx.stop] @ emb[kept].T if kept else np.empty((len(idx), 0))
-        sims_block = emb[idx.start:idx.stop] @ emb[idx.start:idx.stop].T
-        block_kept: list[int] = []
-        for row, i in enumerate(idx):
-            cands = [(sims_kept[row, c], kept[c]) for c in np.flatnonzero(sims_kept[row] > threshold)]
-            cands += [(sims_block[row, k - start], k) for k in block_kept if sims_block[row, k - start] > threshold]
-            dup_of[i] = next((j for _, j in sorted(cands, reverse=True) if same_picture(i, j)), None)
-            if dup_of[i] is None:
-                block_kept.append(i)
-        kept += block_kept
-    return dup_of
-
-
-def decide(cands: Candidates, config: SelectConfig) -> Any:
-    """Every row's decision: columns decision, filter, reason, reasons, detail, duplicate_of."""
-    by_key = cands.meta.sort_values("key", kind="stable")
-    order = by_key.index.to_numpy()
-    meta = by_key.reset_index(drop=True)  # row i is the i-th key: "first" below means first by key
-    emb, thumbs = cands.embeddings[order], cands.thumbnails[order]
-    found = per_sample_reasons(meta, config)
-    duplicate_of: list[str | None] = [None] * len(meta)
-    if config.exact_dup.enabled:
-        _mark_exact_duplicates(meta, found, duplicate_of)
-    if config.near_dup.enabled:
-        _mark_near_duplicates(meta, emb, thumbs, config.near_dup, found, duplicate_of)
-    if config.clip_score.mode == "percentile":
-        _mark_below_percentile(meta, config.clip_score.keep_fraction, found)
-    meta["decision"] = [REJECT if f else KEEP for f in found]
-    meta["filter"] = [f[0][0] if f else None for f in found]
-    meta["reason"] = [f[0][1] if f else None for f in found]
-    meta["reasons"] = [[r for _, r, _ in f] for f in found]
-    meta["detail"] = [f[0][2] if f else None for f in found]
-    meta["duplicate_of"] = duplicate_of
-    return meta
-
-
-def _alive(found: Found) -> list[int]:
-    """Rows no filter has rejected so far, in key order."""
-    return [i for i, f in enumerate(found) if not f]
-
-
-def _mark_exact_duplicates(meta: Any, found: Found, duplicate_of: list[str | None]) -> None:
-    first: dict[str, int] = {}
-    for i in _alive(found):
-        sha = meta.at[i, "sha256"]
-        if sha in first:
-            j = first[sha]
-            found[i].append(("exact_duplicate", "exact_duplicate", f"same sha256 as {meta.at[j, 'key']}"))
-            duplicate_of[i] = meta.at[j, "key"]
-        else:
-            first[sha] = i
-
-
-def _mark_near_duplicates(meta: Any, emb: np.ndarray, thumbs: np.ndarray, config: NearDupFilter, found: Found,
-                          duplicate_of: list[str | None]) -> None:
-    alive = _alive(found)
-    if not alive:
-        return
-    dups = near_duplicates(emb[alive], thumbs[alive], config.threshold, config.max_thumbnail_mad)
-    for pos, d in enumerate(dups):
-        if d is not None:
-            i, j = alive[pos], alive[d]
-            mad = float(np.abs(thumbs[i] - thumbs[j]).mean())
-            found[i].append(("near_duplicate", "near_duplicate",
-                             f"cos {float(emb[i] @ emb[j]):.3f}, thumbnail MAD {mad:.1f} with {meta.at[j, 'key']}"))
-            duplicate_of[i] = meta.at[j, "key"]
-
-
-def _mark_below_percentile(meta: Any, keep_fraction: float, found: Found) -> None:
-    """Rank the survivors globally, best first (ties by key); keep exactly round(fraction * n)."""
-    alive = _alive(found)
-    if not alive:
-        return
-    n_keep = math.floor(keep_fraction * len(alive) + 0.5)
-    ranked = sorted(alive, key=lambda i: (-meta.at[i, "clip_score"], meta.at[i, "key"]))
-    cutoff = meta.at[ranked[n_keep - 1], "clip_score"] if n_keep else math.inf
-    for i in ranked[n_keep:]:
-        found[i].append(("clip_score", "below_clip_percentile",
-                         f"{meta.at[i, 'clip_score']:.3f} below the top {keep_fraction:.0%} (cutoff {cutoff:.3f})"))
-
-
-DECISION_COLUMNS = ("key", "url", "caption", "status", "decision", "filter", "reason", "reasons", "detail",
-                    "clip_score", "unsafe_margin", "unsafe_concept", "duplicate_of")
-KEPT_COLUMNS = ("key", "url", "caption", "image", "width", "height", "sha256")
-
-
-def write_selected_shard(step: StepDir, shard_id: str, ingest_path: str, decisions: pa.Table,
-                         embeddings: np.ndarray, clip_meta: str) -> dict[str, Any]:
-    """One shard of pass 2: the kept rows with their image bytes, and the shard's decision table."""
-    atomic_write_parquet(shard_path(step.root, shard_id, "decisions"), decisions)
-    kept_mask = pc.equal(decisions["decision"], KEEP)
-    kept_keys = decisions.filter(kept_mask)
-    rows = pq.read_table(ingest_path, columns=list(KEPT_COLUMNS))
-    rows = rows.filter(pc.is_in(rows["key"], value_set=kept_keys["key"]))
-    by_key = {k: i for i, k in enumerate(kept_keys["key"].to_pylist())}
-    pick = [by_key[k] for k in rows["key"].to_pylist()]
-    emb = embeddings[np.asarray(kept_mask.to_numpy(zero_copy_only=False), bool)][pick]
-    dim = embeddings.shape[1]
-    rows = rows.append_column("clip_score", kept_keys["clip_score"].take(pick))
-    rows = rows.append_column("clip_image_embedding", pa.FixedSizeListArray.from_arrays(
-        pa.array(emb.astype(np.float16).reshape(-1)), dim))
-    rows = rows.replace_schema_metadata({"clip": clip_meta})
-    # Small row groups: training reads a few rows at a time, and a group holds whole images.
-    atomic_write_parquet(shard_path(step.root, shard_id), rows, row_group_size=256)
-    stats = {"rows": decisions.num_rows, "kept": rows.num_rows}
-    step.mark_done(shard_id, stats)
-    return stats
+    stage = StepDir(root=job.stage(name), name=f"curate_select_{name}", key="")
+    todo = {s: args[s] for s in shard_ids if not stage.is_done(s)}
+    return run_shards(fn, todo, max_in_flight=max_in_flight) if todo else {}
 
 
 def select(ingest_dir: str | pathlib.Path, score_dir: str | pathlib.Path, curate_dir: str | pathlib.Path,
-           config: SelectConfig = SelectConfig()) -> dict[str, Any]:
-    """Pass 2: global selection from stored scores (no CLIP). Returns the step manifest."""
+           config: SelectConfig = SelectConfig(), *, search_index: IvfConfig | None = IvfConfig(),
+           max_in_flight: int = 4) -> dict[str, Any]:
+    """Pass 2: selection from stored scores (no CLIP), as Ray tasks over shards; the driver holds only
+    per-shard counts (and, in percentile mode, a 65536-bin histogram and the keys tied at the cut).
+
+    Stages, each resumable (done records under `<curate_dir>/_work/<stage>/`):
+    1. filter (per shard): every per-sample filter, vectorised; the k-means sample (by key hash).
+    2. train (one task): k-means lists + HNSW quantizer on the sample (pipelines/ann_index.py).
+    3. assign (per shard): alive rows to sha256 buckets and to their nprobe nearest lists.
+    4. dedup (per bucket): exact duplicates (first by key stays); near-duplicate candidates within
+       lists that pass the thumbnail pre-check (pipelines/dedup.py).
+    5. export (per shard): 64x64 images of the candidates' originals.
+    6. decide (per shard): exact and confirmed near duplicates; percentile counts.
+    7. the percentile cut, exact, from summed per-shard radix counts (pipelines/sketches.py).
+    8. write (per shard): decisions/ and shards/, funnel counts and score histograms.
+    Then the search index over the kept rows (`search_index`; None: built on the first search).
+    Returns the step manifest."""
     import ray
 
+    from pipelines import select_stages as st
+    from pipelines.ann_index import build_search_index
+    from pipelines.heads import file_digest
     from pipelines.ray_env import init_ray
-    from pipelines.step import run_shards
 
     ingest_dir, score_dir, curate_dir = _absolute(ingest_dir), _absolute(score_dir), _absolute(curate_dir)
     ingest = finished_manifest(ingest_dir, "ingest")
     scores = finished_manifest(score_dir, "curate scoring")
     shard_ids = shard_ids_of(ingest)
-    step = StepDir.open(curate_dir, "curate_select", config, [ingest["key"], scores["key"]])
+    heads = st._load_heads(config)  # a missing head file fails here, before any work
+    if heads:
+        dim = pq.read_schema(shard_path(score_dir, shard_ids[0])).field("image_embedding").type.list_size
+        for head in heads.values():
+            head.check_clip(scores["clip"], dim)
+    head_keys = [file_digest(h.path) for h in heads.values()]
+    step = StepDir.open(curate_dir, "curate_select", config, [ingest["key"], scores["key"], *head_keys])
     if (manifest := step.manifest()) is not None:
         return manifest
     started = time.monotonic()
-    cands = load_candidates(ingest_dir, score_dir, shard_ids)
-    decided = decide(cands, config)
-    emb_by_key = dict(zip(cands.meta["key"], range(len(cands.meta))))
-    clip_meta = json.dumps(scores["clip"])
+    timings: dict[str, float] = {}
+    clip = scores["clip"]
+    job = _Select(ingest_dir=str(ingest_dir), score_dir=str(score_dir), curate_dir=str(curate_dir),
+                  shard_ids=tuple(shard_ids), config=as_namespace(config), clip=clip)
+    init_ray()
+    remote = lambda fn: ray.remote(num_cpus=0.5)(fn)  # noqa: E731 - fractional: see ActorPoolConfig
+    index = {s: i for i, s in enumerate(shard_ids)}
+    near = config.near_dup
+    scored = sum(int(s.get("scored", s.get("rows", 0))) for s in scores["shards"])
+    ivf = near.ivf()
+    fraction = ivf.sample_fraction(scored) if near.enabled else 0.0
+
+    def timed(name: str, fn: Any) -> Any:
+        t = time.monotonic()
+        result = fn()
+        timings[name] = round(time.monotonic() - t, 2)
+        return result
+
+    filter_step = StepDir(root=job.stage("filter"), name="curate_select_filter", key="")
+    timed("filter", lambda: _sub_step(job, "filter", shard_ids, remote(st._filter_shard),
+                                      {s: (job, s, fraction) for s in shard_ids}, max_in_flight))
+    alive = sum(filter_step.shard_stats(s)["alive"] for s in shard_ids)
+    use_exact = config.exact_dup.enabled and alive > 0
+    use_near = near.enabled and alive > 0
+    n_buckets = 1
+    if use_near:
+        n_lists = ivf.n_lists(alive)
+        samples = [str(shard_path(job.stage("filter"), s, "sample")) for s in shard_ids
+                   if filter_step.shard_stats(s)["sampled"]]
+        dim = pq.read_schema(job.scores(shard_ids[0])).field("image_embedding").type.list_size
+        if not (job.stage("quantizer") / "centroids.npy").exists():
+            from pipelines.ann_index import train_from_samples
+
+            trainer = ray.remote(num_cpus=1)(train_from_samples)
+            n_lists = timed("train", lambda: ray.get(trainer.remote(
+                samples if n_lists > 1 else [], "embedding", n_lists, ivf, dim, str(job.stage("quantizer")))))
+        else:
+            n_lists = len(np.load(job.stage("quantizer") / "centroids.npy"))
+        n_buckets = min(n_lists, ivf.n_buckets(alive * min(near.nprobe, n_lists)))
+    if use_exact and not use_near:
+        n_buckets = ivf.n_buckets(alive)
+    if use_exact or use_near:
+        timed("assign", lambda: _sub_step(job, "assign", shard_ids, remote(st._assign_shard),
+                                          {s: (job, s, index[s], n_buckets, use_near) for s in shard_ids},
+                                          max_in_flight))
+        buckets = [f"{b:05d}" for b in range(n_buckets)]
+        timed("dedup", lambda: _sub_step(job, "dedup", buckets, remote(st._dedup_bucket),
+                                         {f"{b:05d}": (job, b, len(shard_ids), use_exact, use_near)
+                                          for b in range(n_buckets)}, max_in_flight))
+    if use_near and near.max_changed_pixels is not None:
+        timed("export", lambda: _sub_step(job, "export", shard_ids, remote(st._export_shard),
+                                          {s: (job, s, index[s], n_buckets) for s in shard_ids}, max_in_flight))
+    percentile = config.clip_score.mode == "percentile"
+    decide_args = {s: (job, s, index[s], n_buckets, use_exact, use_near, percentile) for s in shard_ids}
+    decide_step = StepDir(root=job.stage("decide"), name="curate_select_decide", key="")
+    if percentile and any(decide_step.is_done(s) for s in shard_ids):
+        # counts are returned, not stored: redo the stage so every shard's counts are in hand
+        for s in shard_ids:
+            decide_step.done_path(s).unlink(missing_ok=True)
+    decided = timed("decide", lambda: _sub_step(job, "decide", shard_ids, remote(st._decide_shard), decide_args,
+                                                max_in_flight))
+    cut = None
+    if percentile:
+        t0 = time.monotonic()
+        cut = st._percentile_cut(job, decided, config.clip_score.keep_fraction)
+        timings["percentile"] = round(time.monotonic() - t0, 2)
+    decided = None  # per-shard counts, no longer needed
+    writer = remote(st._write_shard)
     pending = step.pending(shard_ids)
     if pending:
-        init_ray()
-        writer = ray.remote(num_cpus=0.5)(write_selected_shard)
-        args = {}
-        for shard_id in pending:
-            part = decided[decided["shard_id"] == shard_id]
-            table = pa.Table.from_pandas(part[list(DECISION_COLUMNS)], preserve_index=False,
-                                         schema=_decision_schema())
-            emb = cands.embeddings[[emb_by_key[k] for k in part["key"]]]
-            args[shard_id] = (step, shard_id, str(shard_path(ingest_dir, shard_id)), table, emb, clip_meta)
-        run_shards(writer, args, max_in_flight=4)
-    step.finish(shard_ids, funnel=funnel(decided), clip=scores["clip"], config=dataclasses.asdict(config),
-                ingest_dir=str(ingest_dir), score_dir=str(score_dir), elapsed_s=round(time.monotonic() - started, 2))
+        from pipelines.step import run_shards
+
+        timed("write", lambda: run_shards(writer, {s: (job, step, s, cut, config.clip_score.keep_fraction)
+                                                   for s in pending}, max_in_flight=max_in_flight))
+    from pipelines.sketches import FixedHistogram
+
+    hist = {"kept": FixedHistogram(bins=SCORE_HIST_BINS), "rejected": FixedHistogram(bins=SCORE_HIST_BINS)}
+    funnels = []
+    for s in shard_ids:
+        stats = step.shard_stats(s)
+        funnels.append(stats["funnel"])
+        for k in hist:
+            hist[k].merge(stats["clip_score_hist"][k])
+    summary = {
+        "funnel": merge_funnels(funnels), "clip": clip, "config": dataclasses.asdict(config),
+        "ingest_dir": str(ingest_dir), "score_dir": str(score_dir),
+        "clip_score_histogram": {"edges": hist["kept"].edges(), "kept": hist["kept"].counts.tolist(),
+                                 "rejected": hist["rejected"].counts.tolist()},
+        "percentile_cut": None if cut is None else dataclasses.asdict(cut),
+        "dedup": {"buckets": n_buckets, "alive": alive}, "stage_s": timings,
+        "elapsed_s": round(time.monotonic() - started, 2),
+    }
+    step.finish(shard_ids, **summary)
+    import shutil
+
+    shutil.rmtree(job.work, ignore_errors=True)
+    if search_index is not None and summary["funnel"]["kept"] > 0:
+        build_search_index(curate_dir, search_index)
     return step.manifest()  # as read back: JSON types, like a rerun returns
-
-
-def _decision_schema() -> pa.Schema:
-    return pa.schema([
-        ("key", pa.string()), ("url", pa.string()), ("caption", pa.string()), ("status", pa.string()),
-        ("decision", pa.string()), ("filter", pa.string()), ("reason", pa.string()),
-        ("reasons", pa.list_(pa.string())), ("detail", pa.string()), ("clip_score", pa.float32()),
-        ("unsafe_margin", pa.float32()), ("unsafe_concept", pa.string()), ("duplicate_of", pa.string()),
-    ])
-
-
-def funnel(decided: Any) -> dict[str, Any]:
-    """input -> each filter (rows it removed first, by reason) -> kept."""
-    stages = []
-    remaining = len(decided)
-    for name in FILTER_ORDER:
-        removed = decided[decided["filter"] == name]
-        by_reason = removed["reason"].value_counts().sort_index().to_dict()
-        remaining -= len(removed)
-        stages.append({"filter": name, "removed": len(removed), "remaining": remaining,
-                       "reasons": {k: int(v) for k, v in by_reason.items()}})
-    downloaded = int((decided["status"] == "success").sum())
-    return {"input": len(decided), "downloaded": downloaded, "stages": stages,
-            "kept": int((decided["decision"] == KEEP).sum())}
 
 
 def curate(ingest_dir: str | pathlib.Path, curate_dir: str | pathlib.Path, config: CurateConfig, *,
@@ -586,7 +519,7 @@ def curate(ingest_dir: str | pathlib.Path, curate_dir: str | pathlib.Path, confi
     """
     score_dir = pathlib.Path(curate_dir) / "scores" if score_dir is None else pathlib.Path(score_dir)
     score(ingest_dir, score_dir, config.score, config.pool)
-    return select(ingest_dir, score_dir, curate_dir, config.select)
+    return select(ingest_dir, score_dir, curate_dir, config.select, search_index=config.search_index)
 
 
 def read_decisions(curate_dir: str | pathlib.Path) -> pa.Table:
