@@ -33,8 +33,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipelines.step import (StepDir, atomic_write_bytes, atomic_write_json, finished_manifest, shard_ids_of,
-                            shard_path)
+from pipelines.step import (StepDir, atomic_write_bytes, atomic_write_json, atomic_write_parquet, finished_manifest,
+                            shard_ids_of, shard_path)
 
 PARTS_META = b"partitions"
 INDEX_DIR = "index"
@@ -291,7 +291,7 @@ def _sample_shard(data_dir: str, shard_id: str, fraction: float, seed: int, out:
     table = pq.read_table(shard_path(data_dir, shard_id), columns=["key", "clip_image_embedding"])
     pick = sample_mask(table["key"], fraction, seed)
     sample = table.filter(pa.array(pick))
-    pq.write_table(sample, out)
+    atomic_write_parquet(out, sample)
     return sample.num_rows
 
 

@@ -1,26 +1,33 @@
-"""Search curated images by text: CLIP cosine between a query and the stored image embeddings.
+"""Search curated images by text or by image: top-k CLIP cosine from the data directory's IVF index.
 
 Works on a curate or an embed directory (both carry `clip_image_embedding`, fp16 unit vectors made
-by the scoring CLIP). The query must be embedded by that same CLIP: the shards record which one, and
-a different model is refused rather than compared in an unrelated space.
+by the scoring CLIP). The query is embedded by that same CLIP: the shards record which one, and a
+different model is refused rather than compared in an unrelated space.
+
+The index (`<data_dir>/index/`, pipelines/ann_index.py) is built by curation, or here on the first
+search of a directory without one (an embed directory); a query reads the coarse quantizer and its
+`nprobe` nearest lists only, then the image bytes of the k hits from their shards' row groups, so
+memory does not grow with the number of rows.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import pathlib
 import re
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from PIL import Image
 
+from pipelines.ann_index import INDEX_DIR, IvfConfig, IvfIndex, build_search_index
 from pipelines.clip_model import Clip, ClipConfig
-from pipelines.step import finished_manifest, shard_ids_of, shard_path
 from pipelines.report import Cell, contact_sheet, save_png
-
-INDEX_COLUMNS = ["key", "caption", "clip_score", "clip_image_embedding"]
+from pipelines.step import finished_manifest, shard_ids_of, shard_path
 
 
 @dataclass(frozen=True)
@@ -41,55 +48,95 @@ def _check_same_clip(stored: bytes | None, clip: ClipConfig, shard: pathlib.Path
                          "Search with the CLIP that curated the data (its ScoreConfig.clip).")
 
 
-def search(data_dir: str | os.PathLike, query: str, *, clip: ClipConfig | Clip, k: int = 20,
-           out_png: str | os.PathLike | None = None) -> SearchResult:
-    """The k curated images nearest to `query`, as a table and a contact sheet PNG
-    (default `<data_dir>/search/<query>.png`)."""
+def _query_image(image: str | os.PathLike | bytes | Image.Image) -> tuple[Image.Image, str]:
+    """An image query -> (RGB image, a name for the sheet's title and file)."""
+    if isinstance(image, Image.Image):
+        return image.convert("RGB"), "image"
+    if isinstance(image, bytes):
+        data, name = image, "image"
+    else:
+        path = pathlib.Path(image).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"query image {path} does not exist")
+        data, name = path.read_bytes(), path.name
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return img.convert("RGB"), name
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's to fix
+        raise ValueError(f"query image {name} is not a readable image: {exc}") from exc
+
+
+def open_index(data_dir: str | os.PathLike, config: IvfConfig = IvfConfig()) -> IvfIndex:
+    """The data directory's search index, built first if it has none (Ray tasks over its shards)."""
+    data_dir = pathlib.Path(data_dir)
+    if not (data_dir / INDEX_DIR / "manifest.json").exists():
+        build_search_index(data_dir, config)
+    return IvfIndex(data_dir / INDEX_DIR)
+
+
+def search(data_dir: str | os.PathLike, query: str | None = None, *, clip: ClipConfig | Clip, k: int = 20,
+           out_png: str | os.PathLike | None = None, image: str | os.PathLike | bytes | Image.Image | None = None,
+           nprobe: int = 16) -> SearchResult:
+    """The k curated images nearest to `query` (text) or to `image` (a file, bytes or PIL image), as a
+    table and a contact sheet PNG (default `<data_dir>/search/<query>.png`). `nprobe` lists of the
+    index are read (all of them when the index has no more)."""
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
+    if nprobe < 1:
+        raise ValueError(f"nprobe must be >= 1, got {nprobe}")
+    if (query is None) == (image is None):
+        raise ValueError("give exactly one of a text query or an image query")
     data_dir = pathlib.Path(data_dir)
     shard_ids = shard_ids_of(finished_manifest(data_dir, "curate or embed"))
     model = clip if isinstance(clip, Clip) else Clip(clip)
-    tables, where = [], []
-    for shard_id in shard_ids:
-        path = shard_path(data_dir, shard_id)
-        table = pq.read_table(path, columns=INDEX_COLUMNS)
-        _check_same_clip((table.schema.metadata or {}).get(b"clip"), model.config, path)
-        tables.append(table)
-        where += [(shard_id, row) for row in range(table.num_rows)]
-    index = pa.concat_tables(tables)
-    if index.num_rows == 0:
+    first = shard_path(data_dir, shard_ids[0])
+    _check_same_clip((pq.read_schema(first).metadata or {}).get(b"clip"), model.config, first)
+    if query is not None:
+        vector, title, name = model.encode_texts([query]).numpy(), f"query: {query}", _slug(query)
+    else:
+        picture, label = _query_image(image)
+        vector, title, name = model.encode_images([picture]).numpy(), f"image query: {label}", f"image-{_slug(label)}"
+    index = open_index(data_dir)
+    try:
+        if index.meta["rows"] == 0:
+            raise ValueError(f"{data_dir} holds no curated rows to search")
+        hits = index.search(vector, k, nprobe)[0]
+    finally:
+        index.close()
+    if hits is None or hits.num_rows == 0:
         raise ValueError(f"{data_dir} holds no curated rows to search")
-    emb_col = index["clip_image_embedding"].combine_chunks()
-    emb = emb_col.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, emb_col.type.list_size)
-    emb /= np.linalg.norm(emb, axis=1, keepdims=True)  # fp16 storage leaves norms ~1e-3 off
-    sims = emb @ model.encode_texts([query]).numpy()[0]
-    top = np.argsort(-sims, kind="stable")[:k]
+    sims = np.asarray(hits["similarity"], np.float32)
     result = pa.table({
-        "rank": pa.array(range(1, len(top) + 1), pa.int32()),
-        "key": index["key"].take(top),
-        "caption": index["caption"].take(top),
-        "similarity": pa.array(sims[top], pa.float32()),
-        "clip_score": index["clip_score"].take(top),
+        "rank": pa.array(range(1, hits.num_rows + 1), pa.int32()),
+        "key": hits["key"],
+        "caption": hits["caption"],
+        "similarity": pa.array(sims, pa.float32()),
+        "clip_score": hits["clip_score"],
     })
-    images = _images(data_dir, [where[i] for i in top])
+    locations = [(index.meta["shard_ids"][s], r) for s, r in zip(hits["shard"].to_pylist(), hits["row"].to_pylist())]
+    images = _images(data_dir, locations)
     cells = [Cell(img, (f"#{r} sim {s:.3f}", c or "")) for r, img, s, c in
-             zip(range(1, len(top) + 1), images, sims[top], result["caption"].to_pylist())]
-    png = pathlib.Path(out_png) if out_png else data_dir / "search" / f"{_slug(query)}.png"
-    save_png(contact_sheet(cells, title=f"query: {query}"), png)
+             zip(range(1, hits.num_rows + 1), images, sims, result["caption"].to_pylist())]
+    png = pathlib.Path(out_png) if out_png else data_dir / "search" / f"{name}.png"
+    save_png(contact_sheet(cells, title=title), png)
     return SearchResult(table=result, contact_sheet=png)
 
 
 def _images(data_dir: pathlib.Path, locations: list[tuple[str, int]]) -> list[bytes | None]:
-    """Image bytes of (shard, row) hits, reading each needed shard's image column once."""
+    """Image bytes of (shard, row) hits, reading only the row groups that hold them."""
+    found: dict[tuple[str, int], Any] = {}
     by_shard: dict[str, list[int]] = {}
     for shard_id, row in locations:
         by_shard.setdefault(shard_id, []).append(row)
-    found = {}
     for shard_id, rows in by_shard.items():
-        column = pq.read_table(shard_path(data_dir, shard_id), columns=["image"])["image"]
-        found.update({(shard_id, r): column[r].as_py() for r in rows})
-    return [found[loc] for loc in locations]
+        parquet = pq.ParquetFile(shard_path(data_dir, shard_id))
+        starts = np.cumsum([0] + [parquet.metadata.row_group(g).num_rows for g in range(parquet.num_row_groups)])
+        for group in sorted({int(np.searchsorted(starts, r, side="right") - 1) for r in rows}):
+            column = parquet.read_row_group(group, columns=["image"])["image"]
+            for r in rows:
+                if starts[group] <= r < starts[group + 1]:
+                    found[(shard_id, r)] = column[r - int(starts[group])].as_py()
+    return [found.get(loc) for loc in locations]
 
 
 def _slug(text: str) -> str:

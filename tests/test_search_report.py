@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import pathlib
 import time
 
 import pyarrow.parquet as pq
@@ -63,6 +62,47 @@ def test_search_refuses_a_different_clip(curated, clip_config):
                        pretrained=clip_config.model_name.removeprefix("local-dir:") + "/open_clip_model.safetensors")
     with pytest.raises(ValueError, match="Search with the CLIP that curated the data"):
         search(root / "curate", "a red circle", clip=other)
+
+
+def test_search_by_image_finds_that_image_and_its_copies(curated, clip_config):
+    root, truth = curated
+    decisions = with_truth(read_decisions(root / "curate"), truth)
+    kept = pq.read_table(root / "curate" / "shards" / "00001.parquet", columns=["key", "image"]).to_pylist()
+    row = kept[0]
+    result = search(root / "curate", clip=Clip(clip_config), k=5, image=row["image"])
+    assert result.table["key"][0].as_py() == row["key"] and result.table["similarity"][0].as_py() > 0.99
+    assert result.contact_sheet.name == "image-image.png" and result.contact_sheet.exists()
+    with pytest.raises(ValueError, match="exactly one of a text query or an image query"):
+        search(root / "curate", "a red circle", clip=Clip(clip_config), image=row["image"])
+    assert len(decisions) == 120
+
+
+def test_index_lists_return_what_a_full_scan_returns(curated, clip_config, tmp_path):
+    """An index of many small lists (4 rows each) against brute force over every kept embedding: the
+    same top 10 when every list is probed, and most of it from a few lists."""
+    import numpy as np
+
+    from pipelines.ann_index import IvfConfig, IvfIndex, build_search_index, embeddings_of, unit
+
+    root, _ = curated
+    manifest = build_search_index(root / "curate", IvfConfig(rows_per_list=4, train_points_per_list=4),
+                                  out_dir=tmp_path / "index")
+    assert manifest["lists"] > 10 and manifest["buckets"] >= 1
+    index = IvfIndex(tmp_path / "index")
+    tables = [pq.read_table(p, columns=["key", "clip_image_embedding"]) for p in sorted((root / "curate" / "shards").glob("*.parquet"))]
+    keys = [k for t in tables for k in t["key"].to_pylist()]
+    emb = unit(np.concatenate([embeddings_of(t["clip_image_embedding"]) for t in tables]))
+    assert manifest["rows"] == len(keys)
+    queries = Clip(clip_config).encode_texts([f"a {c} circle on a {b} background" for c, b in
+                                              (("red", "blue"), ("white", "black"), ("yellow", "green"))]).numpy()
+    recall = []
+    for q, every, few in zip(queries, index.search(queries, 10, nprobe=manifest["lists"]), index.search(queries, 10, nprobe=8)):
+        truth = [keys[i] for i in np.lexsort((np.array(keys), -(emb @ (q / np.linalg.norm(q)))))[:10]]
+        assert every["key"].to_pylist() == truth
+        recall.append(len(set(few["key"].to_pylist()) & set(truth)) / 10)
+    index.close()
+    print(f"\nrecall@10 probing 8 of {manifest['lists']} lists: {recall}")
+    assert np.mean(recall) >= 0.7
 
 
 def test_report_accounts_for_every_row_and_logs_to_mlflow(curated, tmp_path):
