@@ -47,10 +47,13 @@ class Cascade:
         until_stage: int | None = None,
         progress: Callable[[str, int, int], None] | None = None,
     ) -> list[torch.Tensor]:
-        """Images in [-1, 1] after each stage (the last is the cascade's output), deterministic per seed."""
+        """Images in [-1, 1] after each stage (the last is the cascade's output), deterministic per seed.
+
+        Stages may hold bf16 (or fp16) weights: each U-Net casts its inputs to its weights' dtype, the samplers
+        and the images passed between stages stay fp32.
+        """
         stages = self.stages[: until_stage if until_stage is not None else len(self.stages)]
-        first = next(stages[0].parameters())
-        device, dtype = first.device, first.dtype
+        device = next(stages[0].parameters()).device
         generator = torch.Generator(device=device).manual_seed(seed)
         outputs: list[torch.Tensor] = []
         for i, stage in enumerate(stages):
@@ -58,7 +61,7 @@ class Cascade:
             scale = guidance_scales[i] if guidance_scales is not None else None
             step_progress = (lambda s, n, name=stage.config.name: progress(name, s, n)) if progress else None
             images = stage.sample(
-                embeds.to(device=device, dtype=dtype),
+                embeds.to(device),
                 mask.to(device),
                 lowres=outputs[-1] if outputs else None,
                 guidance_scale=scale,

@@ -138,17 +138,17 @@ class DiffusionStage(nn.Module):
         augmentation level per sample (not one level per batch).
         """
         cfg = self.config
+        images = images.float()  # the diffusion maths is fp32 whatever the weights' dtype (see loss_at)
         batch, device = images.shape[0], images.device
         t = torch.rand(batch, device=device, generator=generator)
-        eps = torch.randn(images.shape, device=device, generator=generator, dtype=images.dtype)
+        eps = torch.randn(images.shape, device=device, generator=generator, dtype=torch.float32)
         drop = drop_condition_mask(batch, cfg.cond_drop_prob, generator=generator, device=device)
         text_embeds, text_mask = drop_condition(text_embeds, text_mask, drop)
         aug_level = aug_eps = None
         if cfg.is_super_resolution:
-            if lowres is None:
-                lowres = resize_lowres(images, cfg.lowres_size)
+            lowres = resize_lowres(images, cfg.lowres_size) if lowres is None else lowres.float()
             aug_level = sample_aug_levels(batch, generator=generator, max_level=cfg.train_max_aug_level, device=device)
-            aug_eps = torch.randn(lowres.shape, device=device, generator=generator, dtype=lowres.dtype)
+            aug_eps = torch.randn(lowres.shape, device=device, generator=generator, dtype=torch.float32)
         return self.loss_at(images, text_embeds, text_mask, t, eps, lowres, aug_level, aug_eps)
 
     def loss_at(
@@ -167,20 +167,26 @@ class DiffusionStage(nn.Module):
         A super-resolution stage also takes the clean `lowres` image, which is noised at `aug_level` (B,) with
         `aug_eps` (lowres's shape) before the network sees it. `forward` draws all of these at random; validation
         fixes them.
+
+        Precision: the diffusion maths (the schedule, alpha and sigma, x_t, the target) and the MSE run in fp32
+        whatever the weights' dtype; the U-Net casts its inputs to its weights' dtype (bf16 under DeepSpeed's
+        bf16 mode) and its output comes back to fp32 before the loss. Inputs in bf16 or fp16 are upcast first.
         """
         cfg = self.config
+        images, eps = images.float(), eps.float()
         lowres_noised = lowres_logsnr = None
         if cfg.is_super_resolution:
             if lowres is None or aug_level is None or aug_eps is None:
                 raise ValueError(f"stage {cfg.name!r} is super-resolution: give lowres, aug_level and aug_eps")
+            lowres, aug_eps = lowres.float(), aug_eps.float()
             lowres_noised, lowres_logsnr = noise_augment(lowres, aug_level, cfg.schedule, eps=aug_eps)
             if cfg.residual_scale is not None:
                 images = to_residual(images, upsample_lowres(lowres, images.shape[-1]), cfg.residual_scale)  # crops too
-        logsnr = logsnr_schedule(t, cfg.schedule)
+        logsnr = logsnr_schedule(t.float(), cfg.schedule)
         alpha, sigma = alpha_sigma(logsnr)
         x_t = alpha.view(-1, 1, 1, 1) * images + sigma.view(-1, 1, 1, 1) * eps
         output = self.unet(x_t, logsnr, text_embeds, text_mask, lowres=lowres_noised, lowres_logsnr=lowres_logsnr)
-        return diffusion_loss(output, training_target(images, eps, alpha, sigma, cfg.prediction))
+        return diffusion_loss(output, training_target(images, eps, alpha, sigma, cfg.prediction))  # fp32 MSE
 
     def x0_fn(
         self,
@@ -207,12 +213,14 @@ class DiffusionStage(nn.Module):
             lowres, lowres_logsnr = torch.cat([lowres, lowres]), torch.cat([lowres_logsnr, lowres_logsnr])
 
         def predict_x0(x_t: torch.Tensor, logsnr: torch.Tensor) -> torch.Tensor:
-            alpha, sigma = alpha_sigma(logsnr)
+            # The sampler's state x_t and everything from here on is fp32; the U-Net runs in its weights' dtype
+            # (it casts its inputs) and its output is upcast before guidance, whose scale amplifies rounding.
+            alpha, sigma = alpha_sigma(logsnr.float())
             if guided:
                 out = self.unet(torch.cat([x_t, x_t]), torch.cat([logsnr, logsnr]), embeds, mask, lowres, lowres_logsnr)
-                output = apply_guidance(*out.chunk(2), guidance_scale)
+                output = apply_guidance(*out.float().chunk(2), guidance_scale)
             else:
-                output = self.unet(x_t, logsnr, embeds, mask, lowres, lowres_logsnr)
+                output = self.unet(x_t, logsnr, embeds, mask, lowres, lowres_logsnr).float()
             x0 = x0_from_output(output, x_t, alpha.view(-1, 1, 1, 1), sigma.view(-1, 1, 1, 1), cfg.prediction)
             if upsampled is None:
                 return self._threshold(x0)
@@ -239,13 +247,18 @@ class DiffusionStage(nn.Module):
         x_T: torch.Tensor | None = None,
         progress: Callable[[int, int], None] | None = None,
     ) -> torch.Tensor:
-        """Images in [-1, 1] for a batch of text conditions (and low-resolution images for SR stages)."""
+        """Images in [-1, 1] for a batch of text conditions (and low-resolution images for SR stages).
+
+        The images are fp32 whatever the weights' dtype: the sampler's state stays fp32 and only the network
+        calls run in the weights' dtype (a bf16 stage samples with bf16 matmuls and fp32 updates).
+        """
         cfg = self.config
         batch = text_embeds.shape[0]
         lowres_noised = lowres_logsnr = upsampled = None
         if cfg.is_super_resolution:
             if lowres is None:
                 raise ValueError(f"stage {cfg.name!r} is super-resolution: give `lowres` images of size {cfg.lowres_size}")
+            lowres = lowres.float()
             if lowres.shape[-1] != cfg.lowres_size:
                 lowres = resize_lowres(lowres, cfg.lowres_size)
             level = cfg.sample_aug_level if aug_level is None else aug_level

@@ -170,16 +170,16 @@ def fourier_embedding(logsnr: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 class NoiseLevelEmbedding(nn.Module):
-    """log-SNR -> Fourier features -> 2-layer MLP -> (B, cond_dim)."""
+    """Fourier features of the log-SNR (`fourier_embedding`, computed in fp32 by the U-Net) -> 2-layer MLP ->
+    (B, cond_dim)."""
 
     def __init__(self, fourier_dim: int, cond_dim: int) -> None:
         super().__init__()
         self.fourier_dim = fourier_dim
         self.mlp = nn.Sequential(nn.Linear(fourier_dim, cond_dim), nn.SiLU(), nn.Linear(cond_dim, cond_dim))
 
-    def forward(self, logsnr: torch.Tensor) -> torch.Tensor:
-        features = fourier_embedding(logsnr, self.fourier_dim)
-        return self.mlp(features.to(self.mlp[0].weight.dtype))
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.mlp(features)
 
 
 def _heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -475,14 +475,16 @@ class EfficientUNet(nn.Module):
         bilinearly to x's size."""
         self._check_inputs(x, logsnr, text_embeds, text_mask, lowres, lowres_logsnr)
         text_mask = text_mask.bool()
-        text_embeds = text_embeds.to(x.dtype)  # embeddings are often stored in fp16
-        cond = self.noise_embed(logsnr) + self.text_pool(text_embeds, text_mask)
+        x, noise, text_embeds, lowres, lowres_noise = self._network_inputs(
+            x, logsnr, text_embeds, lowres, lowres_logsnr
+        )
+        cond = self.noise_embed(noise) + self.text_pool(text_embeds, text_mask)
         h = x
         if self.lowres_noise_embed is not None:
-            cond = cond + self.lowres_noise_embed(lowres_logsnr)
+            cond = cond + self.lowres_noise_embed(lowres_noise)
             if lowres.shape[-1] != x.shape[-1]:
                 lowres = F.interpolate(lowres, size=x.shape[-2:], mode="bilinear", align_corners=False)
-            h = torch.cat([x, lowres.to(x.dtype)], dim=1)
+            h = torch.cat([x, lowres], dim=1)
         text = self.text_norm(text_embeds)
 
         h = self.input_conv(h)
@@ -499,6 +501,34 @@ class EfficientUNet(nn.Module):
         if self.full_res_block is not None:
             h = self._call(self.full_res_block, torch.cat([h, full_res], dim=1), cond)
         return self.out_conv(F.silu(self.out_norm(h)))
+
+    def _network_inputs(
+        self,
+        x: torch.Tensor,
+        logsnr: torch.Tensor,
+        text_embeds: torch.Tensor,
+        lowres: torch.Tensor | None,
+        lowres_logsnr: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Everything that enters the network, in the weights' dtype: x_t, the Fourier features of both noise
+        levels, the text embeddings and the low-res image.
+
+        The one place where inputs meet the weights' dtype. Mixed precision here means bf16 (or fp16) weights,
+        as DeepSpeed's bf16/fp16 engines or `module.to(torch.bfloat16)` leave them, with no autocast: DeepSpeed
+        casts the weights but not the inputs, the stage keeps the diffusion maths around the network in fp32
+        (x_t = alpha * x0 + sigma * eps, the targets, the samplers' state), and text embeddings arrive in
+        whatever dtype they were stored in (fp16 in the embed step's Parquet). Without this cast fp32 x_t met
+        bf16 weights ("mixed dtype (CPU): expect parameter to have scalar type of Float" in the first norm).
+        The log-SNR itself stays fp32 up to its Fourier features (angles up to 30 * 2 pi / 0.5 need fp32);
+        only the features are cast. The output is in the weights' dtype; the stage casts it back to fp32.
+        """
+        dtype = self.input_conv.weight.dtype
+        noise = fourier_embedding(logsnr, self.noise_embed.fourier_dim).to(dtype)
+        lowres_noise = None
+        if self.lowres_noise_embed is not None:
+            lowres_noise = fourier_embedding(lowres_logsnr, self.lowres_noise_embed.fourier_dim).to(dtype)
+        lowres = lowres.to(dtype) if lowres is not None else None
+        return x.to(dtype), noise, text_embeds.to(dtype), lowres, lowres_noise
 
     def _check_inputs(self, x: torch.Tensor, logsnr: torch.Tensor, text_embeds: torch.Tensor, text_mask: torch.Tensor,
                       lowres: torch.Tensor | None, lowres_logsnr: torch.Tensor | None) -> None:

@@ -71,7 +71,16 @@ def training_target(
 
 
 def diffusion_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Per-sample mean squared error, shape (B,) (the "simple" loss of Ho et al. 2020 eq. 14, as in Imagen)."""
+    """Per-sample mean squared error, shape (B,) (the "simple" loss of Ho et al. 2020 eq. 14, as in Imagen).
+
+    Always fp32: a bf16/fp16 network output is upcast before the difference (bf16 keeps 8 bits of mantissa, so
+    a bf16 squared error, and its mean over a large image, would lose the small differences training reduces).
+    """
     if output.shape != target.shape:
         raise ValueError(f"output shape {tuple(output.shape)} differs from target shape {tuple(target.shape)}")
+    output, target = _at_least_fp32(output), _at_least_fp32(target)
     return (output - target).square().reshape(output.shape[0], -1).mean(dim=1)
+
+
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x

@@ -173,6 +173,10 @@ def sample(
     Runs under no_grad: a sampling loop kept in the autograd graph would hold every step's activations.
     """
     x = _initial_noise(shape, generator, x_T, device)
+    if x.dtype in (torch.float16, torch.bfloat16):
+        # The sampler's state stays fp32 whatever the network runs in: 16-bit x_t would round every update
+        # (bf16: 8 bits of mantissa) and the error compounds over the steps. x0_fn casts at the network.
+        x = x.float()
     grid = time_grid(sampler_config.steps, schedule_config)
     stepper = STEPPERS[sampler_config.kind](sampler_config, generator)
     last = sampler_config.steps - 1

@@ -19,13 +19,20 @@ from imagen_core.stage import StageConfig
 
 ZeroStage = Literal[0, 1, 2, 3]
 OptimizerKind = Literal["adam", "adamw", "adafactor"]
-Precision = Literal["auto", "bf16", "fp32"]
+Precision = Literal["auto", "bf16", "fp16", "fp32"]
 LRDecay = Literal["cosine", "constant"]
 
 ADAFACTOR_NEEDS_ZERO0 = (
     "optim.kind='adafactor' needs ZeRO stage 0: ZeRO 1-3 give the optimiser flat 1-D partitions, so Adafactor's "
     "factored second moment and its per-tensor RMS scaling would silently change meaning. Use a zero0 DeepSpeed "
     "config / scaling.zero_stage=0 (Adafactor's state is already small) or optim.kind='adam'/'adamw'."
+)
+
+
+FP16_NEEDS_GPU = (
+    "ScalingConfig.precision='fp16' needs use_gpu=True: DeepSpeed 0.19's CPU accelerator refuses fp16 ('Type fp16 "
+    "is not supported on your device'; it offers fp16 only where oneDNN has fp16 kernels). On CPU workers use "
+    "precision='bf16' (supported, for tests and portability) or 'fp32'."
 )
 
 
@@ -210,7 +217,13 @@ class ScalingConfig:
     gradient_clipping: float | None = None
     """Override of gradient_clipping (global-norm clipping; 0 disables)."""
     precision: Precision = "auto"
-    """"auto": bf16 on GPU, fp32 on CPU. DeepSpeed keeps fp32 master weights and optimiser state under bf16."""
+    """"auto": bf16 on GPU, fp32 on CPU (or what the DeepSpeed JSON's bf16/fp16 sections enable). "bf16": bf16
+    weights, activations and gradients; DeepSpeed keeps fp32 master weights and optimiser state, and the stage
+    keeps the loss and the diffusion maths in fp32 (imagen_core/stage.py). On CPU, bf16 is for tests and
+    portability (DeepSpeed's CPU accelerator supports it; it is rarely faster than fp32 there). "fp16": GPU only,
+    with DeepSpeed's dynamic loss scaling; DeepSpeed 0.19 refuses fp16 on CPU ("Type fp16 is not supported on
+    your device": its CPU accelerator offers fp16 only where oneDNN has fp16 kernels), so it is refused here.
+    "fp32": no mixed precision."""
     activation_checkpointing: bool | None = None
     """Override of the stage's UNetConfig.activation_checkpointing (recompute blocks in backward)."""
 
@@ -225,8 +238,8 @@ class ScalingConfig:
                 raise ValueError(f"ScalingConfig.{name} must be >= 1, got {value}")
         if self.gradient_clipping is not None and self.gradient_clipping < 0:
             raise ValueError(f"ScalingConfig.gradient_clipping must be >= 0, got {self.gradient_clipping}")
-        if self.precision == "bf16" and not self.use_gpu:
-            raise ValueError("ScalingConfig.precision='bf16' needs use_gpu=True; CPU workers train in fp32")
+        if self.precision == "fp16" and not self.use_gpu:
+            raise ValueError(FP16_NEEDS_GPU)
 
 
 @dataclasses.dataclass(kw_only=True, frozen=True)

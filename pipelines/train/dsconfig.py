@@ -5,7 +5,10 @@ Resolved on the driver (so the exact dict is written to `deepspeed.json` beside 
 worker. What is resolved here:
 - keys starting with "_" (comments) are dropped;
 - overrides from ScalingConfig (ZeRO stage, micro-batch, accumulation, clipping);
-- `bf16.enabled: "auto"` -> true on GPU, false on CPU (DeepSpeed keeps fp32 master weights under bf16);
+- the precision: ScalingConfig.precision, or with "auto" the JSON's `bf16.enabled` ("auto" -> true on GPU, false
+  on CPU) and `fp16.enabled`; exactly one of `bf16`/`fp16` ends up enabled, or neither (fp32). DeepSpeed keeps
+  fp32 master weights and optimiser state under both; fp16 gets dynamic loss scaling unless the JSON sets a
+  scale, and never DeepSpeed's input `auto_cast` (the U-Net casts its inputs itself: imagen_core/unet.py);
 - `train_batch_size` = micro-batch x accumulation x workers (DeepSpeed checks the three agree);
 - `zero_allow_untested_optimizer`: we pass a torch optimiser object, which DeepSpeed does not list as tested.
 """
@@ -16,7 +19,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pipelines.train.config import ADAFACTOR_NEEDS_ZERO0, TrainConfig
+from pipelines.train.config import ADAFACTOR_NEEDS_ZERO0, FP16_NEEDS_GPU, TrainConfig
 
 DEEPSPEED_DIR = Path(__file__).resolve().parent / "deepspeed"
 """The shipped DeepSpeed JSONs (zero0.json .. zero3.json), installed with the package. To edit one, copy it
@@ -67,8 +70,6 @@ def resolve_deepspeed_config(config: TrainConfig) -> dict[str, Any]:
                 "schedule come from TrainConfig.optim / TrainConfig.schedule (a torch optimiser is passed to "
                 "deepspeed.initialize so nothing JIT-compiles)"
             )
-    if ds.get("fp16", {}).get("enabled", False):
-        raise ValueError(f"DeepSpeed config {source!r} enables fp16; use bf16 ('auto' picks it on GPU)")
     zero = ds.setdefault("zero_optimization", {})
     if zero.get("offload_optimizer") or zero.get("offload_param"):
         raise ValueError(
@@ -95,21 +96,54 @@ def resolve_deepspeed_config(config: TrainConfig) -> dict[str, Any]:
     ds["train_batch_size"] = (
         ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * scaling.num_workers
     )
-    ds["bf16"] = {**ds.get("bf16", {}), "enabled": _bf16(ds.get("bf16", {}).get("enabled", "auto"), config)}
+    precision = resolve_precision(ds, config)
+    ds["bf16"] = {**ds.get("bf16", {}), "enabled": precision == "bf16"}
+    if precision == "fp16" or "fp16" in ds:
+        ds["fp16"] = {**FP16_DEFAULTS, **ds.get("fp16", {}), "enabled": precision == "fp16", "auto_cast": False}
     ds["zero_allow_untested_optimizer"] = True
     ds.setdefault("steps_per_print", 10**9)
     return ds
 
 
-def _bf16(enabled: Any, config: TrainConfig) -> bool:
-    precision = config.scaling.precision
-    if precision != "auto":
-        return precision == "bf16"
-    if enabled == "auto":
-        return config.scaling.use_gpu
-    if enabled and not config.scaling.use_gpu:
-        raise ValueError("the DeepSpeed config enables bf16 but scaling.use_gpu is False; CPU workers train in fp32")
-    return bool(enabled)
+FP16_DEFAULTS = {"loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000, "hysteresis": 2,
+                 "min_loss_scale": 1}
+"""DeepSpeed's fp16 section where the JSON leaves it out: loss_scale 0 = dynamic, starting at 2**16."""
+
+
+def resolve_precision(ds: dict[str, Any], config: TrainConfig) -> str:
+    """"bf16", "fp16" or "fp32": ScalingConfig.precision, or with "auto" what the JSON enables (bf16 "auto" is
+    bf16 on GPU and fp32 on CPU)."""
+    scaling, source = config.scaling, config.scaling.deepspeed_config
+    if scaling.precision != "auto":
+        return scaling.precision
+    bf16 = ds.get("bf16", {}).get("enabled", "auto")
+    fp16 = ds.get("fp16", {}).get("enabled", False)
+    if bf16 not in (True, False, "auto") or fp16 not in (True, False):
+        raise ValueError(
+            f"DeepSpeed config {source!r}: bf16.enabled must be true, false or \"auto\" and fp16.enabled true or "
+            f"false, got {bf16!r} and {fp16!r}"
+        )
+    if fp16 and bf16 is True:
+        raise ValueError(f"DeepSpeed config {source!r} enables both bf16 and fp16; enable one (or set "
+                         "scaling.precision)")
+    if fp16:
+        if not scaling.use_gpu:
+            raise ValueError(f"DeepSpeed config {source!r} enables fp16: " + FP16_NEEDS_GPU)
+        return "fp16"
+    if bf16 == "auto":
+        return "bf16" if scaling.use_gpu else "fp32"
+    return "bf16" if bf16 else "fp32"
+
+
+def precision_dtype(ds_config: dict[str, Any]) -> Any:
+    """The torch dtype of the engine's weights under a resolved DeepSpeed config."""
+    import torch
+
+    if ds_config.get("bf16", {}).get("enabled"):
+        return torch.bfloat16
+    if ds_config.get("fp16", {}).get("enabled"):
+        return torch.float16
+    return torch.float32
 
 
 def zero_stage(ds_config: dict[str, Any]) -> int:

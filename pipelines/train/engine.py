@@ -46,11 +46,14 @@ def build_engine(config: TrainConfig, ds_config: dict[str, Any]) -> Any:
     """deepspeed.initialize on the process group Ray Train created (gloo on CPU, NCCL on GPU)."""
     import deepspeed
 
-    flattened = ds_config["zero_optimization"]["stage"] != 0 or ds_config["bf16"]["enabled"]
+    sixteen_bit = ds_config["bf16"]["enabled"] or ds_config.get("fp16", {}).get("enabled", False)
+    flattened = ds_config["zero_optimization"]["stage"] != 0 or sixteen_bit
     if config.optim.kind == "adafactor" and flattened:
-        # DeepSpeed's bf16 optimiser flattens parameter groups too, like ZeRO 1-3.
-        raise ValueError(ADAFACTOR_NEEDS_ZERO0 + " (and fp32: DeepSpeed's bf16 optimiser flattens as well)")
+        # DeepSpeed's 16-bit optimiser wrappers may flatten parameter groups too, like ZeRO 1-3.
+        raise ValueError(ADAFACTOR_NEEDS_ZERO0 + " (and fp32: DeepSpeed's bf16/fp16 optimisers may flatten as well)")
     # Every rank builds the same initial weights: ZeRO-3 partitions each rank's own copy (0-2 also broadcast).
+    # They are built in fp32; under bf16/fp16 DeepSpeed casts them and keeps fp32 masters, and the U-Net casts
+    # its inputs to its weights' dtype (imagen_core/unet.py), so the loop feeds fp32 batches either way.
     torch.manual_seed(config.seed)
     model = DiffusionStage(config.stage_config)
     optimizer = build_optimizer(model.parameters(), config.optim)
@@ -71,8 +74,9 @@ def manual_grad_norm(engine: Any) -> float:
 
 
 def grad_norm_recorded(engine: Any) -> bool:
-    """Whether engine.get_global_grad_norm() is set after a step (every ZeRO stage, and bf16; not ZeRO-0 fp32)."""
-    return engine.zero_optimization_stage() > 0 or engine.bfloat16_enabled()
+    """Whether engine.get_global_grad_norm() is set after a step (every ZeRO stage, bf16 and fp16; not ZeRO-0
+    fp32)."""
+    return engine.zero_optimization_stage() > 0 or engine.bfloat16_enabled() or engine.fp16_enabled()
 
 
 def _numel(tensors: Any) -> int:
@@ -95,7 +99,8 @@ def memory_stats(engine: Any) -> dict[str, float]:
     masters = (
         getattr(optimizer, "single_partition_of_fp32_groups", None)  # ZeRO 1-2
         or getattr(optimizer, "fp32_partitioned_groups_flat", None)  # ZeRO 3
-        or getattr(optimizer, "fp32_groups_flat_partition", None)  # bf16 optimiser (ZeRO 0 + bf16)
+        or getattr(optimizer, "fp32_groups_flat_partition", None)  # BF16_Optimizer
+        or [t for group in getattr(optimizer, "fp32_groups", []) for t in group]  # ZeRO 0 + bf16/fp16 (unfused)
         or []
     )
     stats = {

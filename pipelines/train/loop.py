@@ -97,7 +97,6 @@ class Trainer:
         self._val = self._read_val_in_background() if rank == 0 else None
         self.engine = build_engine(self.cfg, spec.deepspeed)
         self.device = self.engine.device
-        self.dtype = torch.bfloat16 if spec.deepspeed["bf16"]["enabled"] else torch.float32
         self.weights = FullWeights(self.cfg.stage_config, self.rank)
         self.weights.gather(self.engine)
         self.weights.start_ema()
@@ -124,7 +123,9 @@ class Trainer:
             epoch, index, batch = next(stream)
             wait += time.perf_counter() - before
             self.state.epoch, self.state.batches_in_epoch = epoch, index + 1
-            batch = batch.to(self.device, self.dtype)
+            # fp32 whatever the engine's precision: the stage keeps the diffusion maths (x_t, targets, loss) in
+            # fp32 and the U-Net casts its inputs to its weights' dtype (bf16/fp16 under DeepSpeed's modes).
+            batch = batch.to(self.device, torch.float32)
             generator = torch.Generator(device=self.device).manual_seed(
                 noise_seed(self.cfg.seed, self.state.step, micro, self.rank))
             loss = engine(batch.images, batch.text_embeds, batch.text_mask, batch.lowres, generator=generator).mean()
