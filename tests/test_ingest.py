@@ -318,8 +318,12 @@ def _kill_9(proc):
     their own process groups; left alive, they go on downloading for a moment after the driver dies)."""
     import psutil
 
-    tree = psutil.Process(proc.pid).children(recursive=True)
-    os.killpg(proc.pid, signal.SIGKILL)
+    try:
+        tree = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:  # it ended on its own (a failure the caller reports)
+        tree = []
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
     for child in tree:
         with contextlib.suppress(psutil.NoSuchProcess):
             child.kill()

@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import pathlib
-import signal
 import subprocess
 import sys
 import time
 
 import pytest
+from test_ingest import _kill_9 as kill_9  # the driver's process group and every process under it
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -48,23 +47,6 @@ def state_of(run_dir: pathlib.Path) -> dict:
     with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):
         return json.loads(path.read_text())
     return {}
-
-
-def kill_9(proc: subprocess.Popen) -> None:
-    """kill -9 the driver's process group and every process under it (Ray's workers have groups of their own)."""
-    import psutil
-
-    try:
-        tree = psutil.Process(proc.pid).children(recursive=True)
-    except psutil.NoSuchProcess:  # it ended on its own (a failure the caller reports)
-        tree = []
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    for child in tree:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            child.kill()
-    psutil.wait_procs(tree, timeout=30)
-    proc.wait()
 
 
 def imagen_status(run_dir: pathlib.Path) -> str:
