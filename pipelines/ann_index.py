@@ -3,8 +3,8 @@
 The autofaiss / SemDeDup recipe with faiss doing the vector work:
 1. train: faiss k-means (spherical, seeded) on a sample of the embeddings, chosen by a hash of each
    row's key (so the sample, hence the clusters, do not depend on how rows are sharded); the centroids
-   go into a faiss HNSW graph, the coarse quantizer (IVF65536_HNSW32-style: assignment costs
-   O(log lists), not O(lists)).
+   go into the coarse quantizer: an exact scan up to 16384 lists, a faiss HNSW graph beyond
+   (IVF65536_HNSW32-style: assignment costs O(log lists), not O(lists)).
 2. assign: per shard (a Ray task), each row's `nprobe` nearest lists; rows are written to one Arrow
    file per shard, sorted by bucket (a bucket is a group of lists), the bucket offsets in the file's
    metadata (`write_partitioned`).
@@ -37,6 +37,9 @@ from pipelines.step import (StepDir, atomic_write_bytes, atomic_write_json, atom
                             shard_ids_of, shard_path)
 
 PARTS_META = b"partitions"
+FLAT_QUANTIZER_MAX_LISTS = 16_384
+"""Up to this many lists the coarse quantizer is an exact scan of the centroids (faiss IndexFlatIP),
+beyond it an HNSW graph: at 619 lists HNSW (efSearch 64) compared more vectors than a scan."""
 INDEX_DIR = "index"
 QUANTIZER_FILE = "quantizer.faiss"
 CENTROIDS_FILE = "centroids.npy"
@@ -133,7 +136,8 @@ class Quantizer:
         p = min(nprobe, self.n_lists)
         if self.n_lists == 1:
             return np.zeros((len(emb), 1), np.int64), emb @ self.centroids.T
-        self.index.hnsw.efSearch = max(64, 2 * p)
+        if hasattr(self.index, "hnsw"):
+            self.index.hnsw.efSearch = max(64, 2 * p)
         sims, lists = self.index.search(emb, p)
         return lists.astype(np.int64), sims
 
@@ -195,6 +199,10 @@ def train_quantizer(sample: np.ndarray, n_lists: int, config: IvfConfig, dim: in
                           min_points_per_centroid=1, verbose=False)
     kmeans.train(sample)
     centroids = np.ascontiguousarray(kmeans.centroids, np.float32)
+    if n_lists <= FLAT_QUANTIZER_MAX_LISTS:  # a scan of the centroids beats a graph walk at this size
+        index = faiss.IndexFlatIP(dim)
+        index.add(centroids)
+        return Quantizer(centroids=centroids, index=index)
     threads = faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(1)  # HNSW insertion order decides the graph: build it single-threaded
     try:
@@ -295,7 +303,15 @@ def _sample_shard(data_dir: str, shard_id: str, fraction: float, seed: int, out:
     return sample.num_rows
 
 
+def single_threaded_faiss() -> None:
+    """In a Ray task: one OpenMP thread (the tasks themselves fill the cores)."""
+    import faiss
+
+    faiss.omp_set_num_threads(1)
+
+
 def _assign_shard(data_dir: str, shard_id: str, shard_index: int, folder: str, n_buckets: int, out: str) -> int:
+    single_threaded_faiss()
     quantizer = Quantizer.load(pathlib.Path(folder))
     table = pq.read_table(shard_path(data_dir, shard_id), columns=SEARCH_COLUMNS)
     emb = unit(embeddings_of(table["clip_image_embedding"]))

@@ -111,21 +111,25 @@ def changed_pixels(fa: np.ndarray, fb: np.ndarray, max_shift: int = 3, tolerance
                    chunk: int = 256) -> np.ndarray:
     """(P, S, S, 3) uint8 image pairs -> (P,) int: at the best shift of B (up to max_shift px either
     way), the pixels of the interior where A and B differ by more than `tolerance` in some channel,
-    after a 2x2 erosion of that mask. Vectorised over pairs and shifts."""
+    after a 2x2 erosion of that mask. Vectorised over pairs; one pass per shift."""
     n, side = len(fa), fa.shape[1] if len(fa) else COMPARE_SIDE
     best = np.zeros(n, np.int64)
     m = max_shift
     inner = side - 2 * m
     for start in range(0, n, chunk):
-        a = fa[start:start + chunk, m:side - m, m:side - m].astype(np.int16)
-        b = fb[start:start + chunk].astype(np.int16)
-        low = np.full(len(a), np.iinfo(np.int64).max, np.int64)
+        # channel-first int16: each channel's difference is a plain contiguous array operation
+        a = np.ascontiguousarray(fa[start:start + chunk, m:side - m, m:side - m].transpose(3, 0, 1, 2), np.int16)
+        b = np.ascontiguousarray(fb[start:start + chunk].transpose(3, 0, 1, 2), np.int16)
+        count = len(a[0])
+        low = np.full(count, np.iinfo(np.int64).max, np.int64)
         for dy in range(-m, m + 1):
             for dx in range(-m, m + 1):
-                shifted = b[:, m + dy:m + dy + inner, m + dx:m + dx + inner]
-                mask = np.abs(a - shifted).max(-1) > tolerance
+                mask = np.zeros((count, inner, inner), bool)
+                for c in range(3):
+                    diff = a[c] - b[c, :, m + dy:m + dy + inner, m + dx:m + dx + inner]
+                    mask |= (diff > tolerance) | (diff < -tolerance)
                 eroded = mask[:, :-1, :-1] & mask[:, 1:, :-1] & mask[:, :-1, 1:] & mask[:, 1:, 1:]
-                low = np.minimum(low, eroded.sum((1, 2)))
+                low = np.minimum(low, np.count_nonzero(eroded.reshape(count, -1), axis=1))
         best[start:start + chunk] = low
     return best
 

@@ -303,7 +303,7 @@ def _assign_shard(job: _Select, shard_id: str, shard_index: int, n_buckets: int,
     """The shard's alive rows -> exact-duplicate entries (bucket = hash of sha256) and near-duplicate
     entries (each row as a member of its nearest list and a query of its next nprobe-1 lists; bucket =
     list mod buckets), one partitioned file each."""
-    from pipelines.ann_index import Quantizer, embeddings_of, string_hash, unit, write_partitioned
+    from pipelines.ann_index import Quantizer, embeddings_of, single_threaded_faiss, string_hash, unit, write_partitioned
 
     step = StepDir(root=job.stage("assign"), name="curate_select_assign", key="")
     decided = pq.read_table(shard_path(job.stage("filter"), shard_id), columns=["key", "sha256", "alive"])
@@ -323,6 +323,7 @@ def _assign_shard(job: _Select, shard_id: str, shard_index: int, n_buckets: int,
         scores = pq.read_table(job.scores(shard_id), columns=["image_embedding", "thumbnail"])
         emb16 = scores["image_embedding"].take(pa.array(rows))
         emb = unit(embeddings_of(emb16))
+        single_threaded_faiss()
         quantizer = Quantizer.load(job.stage("quantizer"))
         lists, _ = quantizer.assign(emb, job.config.near_dup.nprobe)
         p = lists.shape[1]

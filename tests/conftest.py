@@ -19,6 +19,23 @@ ASSETS = ASSETS_DIR
 """The package's shipped assets (imagen_core/assets/: the tiny T5), where the installed imagen_core holds them."""
 
 
+MLFLOW_PROCESS_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_ID")
+"""mlflow.set_tracking_uri / set_registry_uri / set_experiment also write these into os.environ (for child
+processes); one test's store must not become the default of a later test's subprocesses. In this process
+mlflow keeps its own copy, so taking them back after each test changes nothing for the test's fixtures."""
+MLFLOW_ENV_AT_START = {k: os.environ.get(k) for k in MLFLOW_PROCESS_ENV}
+
+
+@pytest.fixture(autouse=True)
+def _mlflow_env_per_test():
+    yield
+    for key, value in MLFLOW_ENV_AT_START.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
 @pytest.fixture(scope="session")
 def assets_dir() -> pathlib.Path:
     return ASSETS

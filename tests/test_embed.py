@@ -105,8 +105,9 @@ from pipelines.step import ActorPoolConfig
 from pipelines.embed import EmbedConfig, embed
 from pipelines.ray_env import RayConfig, init_ray
 init_ray(RayConfig(num_cpus=2))
-config = EmbedConfig(text_encoder=TextEncoderConfig(kind="t5", name=sys.argv[3], batch_size=1), row_group_rows=16)
-embed(sys.argv[1], sys.argv[2], config, ActorPoolConfig(size=1))
+config = EmbedConfig(text_encoder=TextEncoderConfig(kind="t5", name=sys.argv[3], batch_size=1), row_group_rows=16,
+                     pool=ActorPoolConfig(size=1))
+embed(sys.argv[1], sys.argv[2], config)
 """
 
 
@@ -127,9 +128,10 @@ def test_kill_9_during_embed_then_rerun_gives_the_clean_result(ray_session, tmp_
         proc.wait()
     done_at_kill = len(list((killed / "_done").glob("*.json")))
     assert not (killed / "manifest.json").exists() and 1 <= done_at_kill < 12
-    config = EmbedConfig(text_encoder=TextEncoderConfig(kind="t5", name=TINY_T5, batch_size=1), row_group_rows=16)
-    resumed = embed(curated, killed, config, ActorPoolConfig(size=1))
-    clean = embed(curated, tmp_path / "clean", config, ActorPoolConfig(size=1))
+    config = EmbedConfig(text_encoder=TextEncoderConfig(kind="t5", name=TINY_T5, batch_size=1), row_group_rows=16,
+                         pool=ActorPoolConfig(size=1))
+    resumed = embed(curated, killed, config)
+    clean = embed(curated, tmp_path / "clean", config)
     print(f"\nkilled after {done_at_kill} of 12 shards; rerun finished the rest")
     got, want = list(read_embeddings(killed)), list(read_embeddings(tmp_path / "clean"))
     keys = [k for k, _ in got]

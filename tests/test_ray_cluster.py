@@ -119,7 +119,8 @@ class Cluster:
         token = base / "auth_token"
         token.write_text(secrets.token_hex(32))
         self.token = token.read_text()
-        self.env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        # the job's own MLflow store is sqlite in its run directory: no tracking URI from this process
+        self.env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS" and not k.startswith("MLFLOW_")}
         self.env.update(PATH=f"{BIN}{os.pathsep}{self.env.get('PATH', '')}", RAY_AUTH_MODE="token",
                         RAY_AUTH_TOKEN_PATH=str(token), RAY_TMPDIR=str(base / "tmp"), RAY_USAGE_STATS_ENABLED="0")
         self.gcs_port, self.dashboard_port = _free_port(), _free_port()
