@@ -201,12 +201,48 @@ def measure(root: Path, out: Path) -> dict:
     stop.set()
     sampler.join()
     ray.shutdown()
+    driver_peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # before the search's exact scan
+    search = measure_search(root, out)
     funnel = {s["filter"]: s["removed"] for s in manifest["funnel"]["stages"] if s["removed"]}
     return {"select_s": round(select_s, 1), "index_s": round(index_s, 1), "stage_s": manifest["stage_s"],
-            "driver_peak_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 0),
+            "driver_peak_mb": round(driver_peak_mb, 0), "search": search,
             "driver_mb_before_select": round(rss_before, 0), "worker_peak_mb": round(peak.get("worker_mb", 0), 0),
             "funnel": funnel, "kept": manifest["funnel"]["kept"], "index_lists": index["lists"],
             "dedup_buckets": manifest["dedup"]["buckets"]}
+
+
+def measure_search(root: Path, out: Path, queries: int = 200, k: int = 10, nprobe: int = 16) -> dict:
+    """Latency of IvfIndex.search (one query at a time, as `imagen data search` runs) and its recall@k against
+    an exact scan of the kept rows, shard by shard; the queries are kept rows' embeddings plus noise."""
+    from pipelines.ann_index import INDEX_DIR, IvfIndex, embeddings_of, unit
+
+    rng = np.random.default_rng(7)
+    first = sorted((out / "shards").glob("*.parquet"))[0]
+    pool = unit(embeddings_of(pq.read_table(first, columns=["clip_image_embedding"])["clip_image_embedding"]))
+    q = unit(pool[rng.choice(len(pool), queries)] + 0.1 * rng.standard_normal((queries, pool.shape[1])) / 8)
+    index = IvfIndex(out / INDEX_DIR)
+    started = time.monotonic()
+    index.search(q[:1], k, nprobe)
+    cold_ms = (time.monotonic() - started) * 1e3
+    times, hits = [], []
+    for vector in q:
+        started = time.monotonic()
+        hits.append(set(index.search(vector[None], k, nprobe)[0]["key"].to_pylist()))
+        times.append((time.monotonic() - started) * 1e3)
+    index.close()
+    checked = 20  # exact top-k by a streaming scan (bounded memory), for the first queries
+    best = [[] for _ in range(checked)]
+    for shard in sorted((out / "shards").glob("*.parquet")):
+        table = pq.read_table(shard, columns=["key", "clip_image_embedding"])
+        sims = unit(embeddings_of(table["clip_image_embedding"])) @ q[:checked].T
+        keys = table["key"].to_numpy(zero_copy_only=False)
+        for j in range(checked):
+            top = np.argsort(-sims[:, j])[:k]
+            best[j] = sorted(best[j] + list(zip(sims[top, j], keys[top])), reverse=True)[:k]
+    recall = float(np.mean([len(hits[j] & {key for _, key in best[j]}) / k for j in range(checked)]))
+    return {"queries": queries, "k": k, "nprobe": nprobe, "cold_first_ms": round(cold_ms, 1),
+            "median_ms": round(float(np.median(times)), 2), "p95_ms": round(float(np.percentile(times, 95)), 2),
+            f"recall_at_{k}": round(recall, 3)}
 
 
 def main() -> None:
