@@ -2,6 +2,8 @@
 
     .venv/bin/python bench/bench_score.py [--images 480] [--rows-per-shard 40] [--model ViT-B-32]
 
+`--model imagen-tiny-clip` (the demo's 3.7M-parameter CLIP on 64 px) makes the work preprocessing-bound.
+
 Both score the same ingest shards with the same CLIP (an open_clip architecture with random weights saved to
 a .safetensors file and loaded by the real loading path: same compute as the pretrained model, no hub) and the
 same per-row work (decode, thumbnail, image and caption embeddings, concept margins, one Parquet file per
@@ -38,6 +40,10 @@ def random_weights(model: str, path: Path) -> Path:
     import torch
     from safetensors.torch import save_file
 
+    from pipelines.clip_model import TINY_CLIP_NAME, register_tiny_clip
+
+    if model == TINY_CLIP_NAME:
+        register_tiny_clip()
     torch.manual_seed(0)
     clip = open_clip.create_model(model, pretrained=None)
     save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, str(path))
