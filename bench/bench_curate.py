@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -30,6 +29,8 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common import machine  # noqa: E402 - bench/ is on sys.path when a script here runs
+
 import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
@@ -38,13 +39,6 @@ DIM = 64
 TOPICS = 4096
 POOL = 256
 CLIP = {"model_name": "synthetic", "pretrained": None}
-
-
-def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
-    memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return (f"{cpu}, {os.cpu_count()} cores, {memory_gib:.0f} GiB; load average {os.getloadavg()[0]:.1f} "
-            f"(1 min); Python {platform.python_version()}")
 
 
 # -- synthetic data -----------------------------------------------------------------------------------

@@ -13,19 +13,14 @@ import collections
 import json
 import os
 import pathlib
-import platform
 import shutil
 import subprocess
 import sys
 import time
 
+from common import machine  # noqa: E402 - bench/ is on sys.path when a script here runs
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def machine() -> str:
-    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-                 platform.processor())
-    return f"{model}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}"
 
 
 def main() -> None:

@@ -37,6 +37,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common import cpu_model  # noqa: E402 - bench/ is on sys.path when a script here runs
+
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
@@ -276,7 +278,7 @@ def bench_stage(config: StageConfig, args, device: torch.device, dtype: torch.dt
 
 
 def machine(device: torch.device) -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+    cpu = cpu_model()
     accel = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU only"
     return (f"{accel}; {cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads; load average "
             f"{os.getloadavg()[0]:.1f}; Python {platform.python_version()}, torch {torch.__version__}")

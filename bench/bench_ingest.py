@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -25,15 +24,10 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common import machine  # noqa: E402 - bench/ is on sys.path when a script here runs
+
 THREADS = 16
 IMAGE_SIZE = 64
-
-
-def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
-    memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return (f"{cpu}, {os.cpu_count()} cores, {memory_gib:.0f} GiB; load average {os.getloadavg()[0]:.1f} "
-            f"(1 min); Python {platform.python_version()}")
 
 
 def run_img2dataset(url_list: Path, out: Path, rows_per_shard: int) -> tuple[float, int]:
@@ -78,17 +72,14 @@ def main() -> None:
 
     import ray
 
-    from pipelines.demo_corpus import DemoCorpusConfig, serve_directory, write_demo_corpus
+    from common import served_demo_corpus
     from pipelines.ray_env import RayConfig, init_ray
 
     logging.getLogger("img2dataset").setLevel(logging.ERROR)
     print(machine())
     work = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
     try:
-        (work / "corpus" / "www").mkdir(parents=True)
-        with serve_directory(work / "corpus" / "www") as server:
-            corpus = write_demo_corpus(DemoCorpusConfig(num_images=args.images, image_size=256, image_format="jpg"),
-                                       work / "corpus", server.base_url)
+        with served_demo_corpus(work, args.images) as corpus:
             started = time.monotonic()
             init_ray(RayConfig(num_cpus=os.cpu_count()))  # a cluster is up before a step runs: not timed
             print(f"Ray started in {time.monotonic() - started:.1f}s (not in the figures)")

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -27,12 +26,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-
-def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
-    memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return (f"{cpu}, {os.cpu_count()} cores, {memory_gib:.0f} GiB; load average {os.getloadavg()[0]:.1f} "
-            f"(1 min); Python {platform.python_version()}")
+from common import machine  # noqa: E402 - bench/ is on sys.path when a script here runs
 
 
 def random_weights(model: str, path: Path) -> Path:
@@ -51,15 +45,12 @@ def random_weights(model: str, path: Path) -> Path:
 
 
 def ingest_corpus(work: Path, images: int, rows_per_shard: int) -> Path:
-    from pipelines.demo_corpus import DemoCorpusConfig, serve_directory, write_demo_corpus
+    from common import served_demo_corpus
     from pipelines.fetch_policy import FetchPolicyConfig
     from pipelines.ingest import IngestConfig, run_ingest
     from pipelines.url_lists import UrlListConfig
 
-    (work / "corpus" / "www").mkdir(parents=True)
-    with serve_directory(work / "corpus" / "www") as server:
-        corpus = write_demo_corpus(DemoCorpusConfig(num_images=images, image_size=256, image_format="jpg"),
-                                   work / "corpus", server.base_url)
+    with served_demo_corpus(work, images) as corpus:
         run_ingest(IngestConfig(url_list=UrlListConfig(paths=(str(corpus.url_list),)), output_dir=str(work / "ingest"),
                                 rows_per_shard=rows_per_shard, image_size=256,
                                 policy=FetchPolicyConfig(allow_loopback=True)))
@@ -68,16 +59,13 @@ def ingest_corpus(work: Path, images: int, rows_per_shard: int) -> Path:
 
 def plain_loop(config, ingest: Path, out: Path) -> float:
     """The baseline: the same scorer, called shard after shard in this process, torch on every core."""
-    import torch
-
     from pipelines.curate import ShardScorer
     from pipelines.step import StepDir, atomic_write_parquet, shard_ids_of, shard_path
 
     manifest = json.loads((ingest / "manifest.json").read_text())
     step = StepDir.open(out, "curate_score", config, [manifest["key"]])
     started = time.monotonic()
-    scorer = ShardScorer(config, str(ingest), step, torch_threads=os.cpu_count() or 1)
-    torch.set_num_threads(os.cpu_count() or 1)
+    scorer = ShardScorer(config, str(ingest), step, torch_threads=os.cpu_count() or 1)  # sets torch's threads
     for shard_id in shard_ids_of(manifest):
         atomic_write_parquet(shard_path(out, shard_id), scorer.score_shard(shard_path(ingest, shard_id)))
     return time.monotonic() - started
@@ -111,10 +99,9 @@ def main() -> None:
         score(ingest, work / "ray", config)
         ours_s = time.monotonic() - started
         ray.shutdown()
-        same = all(pq.read_table(work / "ray" / "shards" / p.name).drop_columns(["clip_score", "image_embedding",
-                   "unsafe_margin"]).equals(pq.read_table(p).drop_columns(["clip_score", "image_embedding",
-                                                                          "unsafe_margin"]))
-                   for p in (work / "plain" / "shards").glob("*.parquet"))
+        floats = ["clip_score", "image_embedding", "unsafe_margin"]  # rounding differs with the thread count
+        same = all(pq.read_table(work / "ray" / "shards" / p.name).drop_columns(floats)
+                   .equals(pq.read_table(p).drop_columns(floats)) for p in (work / "plain" / "shards").glob("*.parquet"))
         print(json.dumps({
             "model": args.model, "rows": args.images, "images_scored": scored,
             "plain_loop_images_per_s": round(scored / baseline_s, 2), "ray_pool_images_per_s": round(scored / ours_s, 2),
