@@ -227,7 +227,7 @@ class ActorPoolConfig:
     """Actors in the pool, each holding one model copy."""
     num_cpus: float = 0.5
     """CPUs reserved per actor. Fractional on purpose: 2 actors x 1 CPU on a 2-CPU Ray deadlocked
-    Ray Data (STACK_NOTES), the driver's own tasks need room too."""
+    Ray Data on this project's 2-core machines, the driver's own tasks need room too."""
     num_gpus: float = 0.0
     """GPUs per actor (set with ClipConfig/TextEncoder device "cuda")."""
     torch_threads: int = 1

@@ -1,7 +1,7 @@
 """The DeepSpeed engine of one worker: the stage module, a torch optimiser, the warm-up + cosine schedule.
 
 DeepSpeed wraps the model from outside (imagen_core knows nothing of it). A torch optimiser object is passed
-to deepspeed.initialize, so no FusedAdam/CPUAdam op is JIT-compiled (STACK_NOTES: ~36 s on first use).
+to deepspeed.initialize, so no FusedAdam/CPUAdam op is JIT-compiled (about 36 s on first use on a 2-core CPU machine).
 """
 from __future__ import annotations
 
