@@ -14,10 +14,12 @@ import hashlib
 import json
 import os
 import pathlib
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
+
+from pipelines import storage
+from pipelines.storage import StoragePath
 
 MANIFEST = "manifest.json"
 DONE_DIR = "_done"
@@ -29,7 +31,7 @@ def canonical_json(obj: Any) -> str:
     def default(o: Any) -> Any:
         if dataclasses.is_dataclass(o):
             return dataclasses.asdict(o)
-        if isinstance(o, pathlib.PurePath):
+        if isinstance(o, (pathlib.PurePath, StoragePath)):
             return str(o)
         raise TypeError(f"cannot hash a {type(o).__name__} in a step config")
 
@@ -42,39 +44,18 @@ def step_key(name: str, config: Any, input_keys: Sequence[str]) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write to a temp file in the same directory, fsync, then rename over the target."""
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        pathlib.Path(tmp).unlink(missing_ok=True)
-        raise
+def atomic_write_bytes(path: str | os.PathLike | StoragePath, data: bytes) -> None:
+    """Whole-object write, local or object store: a reader sees the old file or the new one, never half."""
+    storage.path(path).write_bytes(data)
 
 
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+def atomic_write_json(path: str | os.PathLike | StoragePath, obj: Any) -> None:
+    storage.path(path).write_json(obj)
 
 
-def atomic_write_parquet(path: str | os.PathLike, table: Any, **write_options: Any) -> None:
-    """Write a pyarrow Table atomically (temp file + rename), so a reader never sees half a shard."""
-    import pyarrow.parquet as pq
-
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        pq.write_table(table, tmp, **write_options)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+def atomic_write_parquet(path: str | os.PathLike | StoragePath, table: Any, **write_options: Any) -> None:
+    """Write a pyarrow Table whole, so a reader never sees half a shard."""
+    storage.path(path).write_parquet(table, **write_options)
 
 
 class StepKeyMismatch(RuntimeError):
@@ -92,18 +73,18 @@ class StepKeyMismatch(RuntimeError):
 class StepDir:
     """The output directory of one step run, keyed by `step_key`."""
 
-    root: pathlib.Path
+    root: StoragePath
     name: str
     key: str
 
     @classmethod
-    def open(cls, root: str | os.PathLike, name: str, config: Any, input_keys: Sequence[str]) -> "StepDir":
+    def open(cls, root: str | os.PathLike | StoragePath, name: str, config: Any, input_keys: Sequence[str]) -> "StepDir":
         """Open (creating) the step directory; refuse one that belongs to a different key."""
-        root = pathlib.Path(root)
+        root = storage.path(root)
         step = cls(root=root, name=name, key=step_key(name, config, input_keys))
         key_file = root / "_key.json"
         if key_file.exists():
-            held = json.loads(key_file.read_text())
+            held = key_file.read_json()
             if held.get("key") != step.key:
                 raise StepKeyMismatch(
                     f"{root} holds step {held.get('step')!r} with key {held.get('key')}, but this run's "
@@ -115,7 +96,7 @@ class StepDir:
         return step
 
     # -- shards ---------------------------------------------------------------------------------
-    def done_path(self, shard_id: str) -> pathlib.Path:
+    def done_path(self, shard_id: str) -> StoragePath:
         return self.root / DONE_DIR / f"{shard_id}.json"
 
     def is_done(self, shard_id: str) -> bool:
@@ -125,21 +106,22 @@ class StepDir:
         atomic_write_json(self.done_path(shard_id), {"shard_id": shard_id, **stats})
 
     def shard_stats(self, shard_id: str) -> dict[str, Any]:
-        return json.loads(self.done_path(shard_id).read_text())
+        return self.done_path(shard_id).read_json()
 
     def pending(self, shard_ids: Iterable[str]) -> list[str]:
-        return [s for s in shard_ids if not self.is_done(s)]
+        done = {f.stem for f in (self.root / DONE_DIR).files("*.json")}  # one listing, not a request per shard
+        return [s for s in shard_ids if s not in done]
 
     # -- the step as a whole --------------------------------------------------------------------
     @property
-    def manifest_path(self) -> pathlib.Path:
+    def manifest_path(self) -> StoragePath:
         return self.root / MANIFEST
 
     def manifest(self) -> dict[str, Any] | None:
         """The finished step's manifest, or None when the step has not finished with this key."""
         if not self.manifest_path.exists():
             return None
-        manifest = json.loads(self.manifest_path.read_text())
+        manifest = self.manifest_path.read_json()
         return manifest if manifest.get("key") == self.key else None
 
     def finish(self, shard_ids: Sequence[str], **summary: Any) -> dict[str, Any]:
@@ -239,20 +221,20 @@ class ActorPoolConfig:
                 f"ActorPoolConfig needs size >= 1, num_cpus > 0, num_gpus >= 0, torch_threads >= 1: {self}")
 
 
-def finished_manifest(step_dir: str | pathlib.Path, what: str) -> dict[str, Any]:
+def finished_manifest(step_dir: str | os.PathLike | StoragePath, what: str) -> dict[str, Any]:
     """The manifest of a finished upstream step, or a clear error saying to run it first."""
-    path = pathlib.Path(step_dir) / "manifest.json"
+    path = storage.path(step_dir) / MANIFEST
     if not path.exists():
         raise FileNotFoundError(f"{what} at {step_dir} has not finished (no manifest.json): run {what} first")
-    return json.loads(path.read_text())
+    return path.read_json()
 
 
 def shard_ids_of(manifest: dict[str, Any]) -> list[str]:
     return [s["shard_id"] for s in manifest["shards"]]
 
 
-def shard_path(step_dir: str | pathlib.Path, shard_id: str, sub: str = "shards") -> pathlib.Path:
-    return pathlib.Path(step_dir) / sub / f"{shard_id}.parquet"
+def shard_path(step_dir: str | os.PathLike | StoragePath, shard_id: str, sub: str = "shards") -> StoragePath:
+    return storage.path(step_dir) / sub / f"{shard_id}.parquet"
 
 
 def map_shards_on_actor_pool(actor_cls: type, constructor_kwargs: dict[str, Any], shard_ids: Sequence[str],

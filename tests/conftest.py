@@ -51,3 +51,22 @@ def ray_session():
     init_ray(RayConfig(num_cpus=2))
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """One S3-compatible server (moto) on 127.0.0.1 for the session."""
+    from s3_server import S3Server
+
+    server = S3Server(str(tmp_path_factory.mktemp("s3") / "moto.log"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch):
+    """A fresh bucket on the loopback S3 server, with this process's (and its children's) AWS_* set to reach it.
+    Yields (server, bucket name)."""
+    for key, value in s3_server.env.items():
+        monkeypatch.setenv(key, value)
+    yield s3_server, s3_server.create_bucket()
