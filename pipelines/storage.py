@@ -335,7 +335,22 @@ def check_writable(root: str | os.PathLike | StoragePath, what: str) -> None:
             raise OSError("read back something else than was written")
         probe.remove()
     except Exception as error:  # noqa: BLE001 - every store error becomes one message naming the URI
-        hint = ("check the bucket exists, the credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or the "
-                "cluster's role) and AWS_ENDPOINT_URL for an S3-compatible server, and that the prefix is writable"
-                if not where.is_local else "check the folder exists or can be created and is writable")
-        raise StorageError(f"{what} {where} cannot be written: {type(error).__name__}: {error}. {hint}.") from None
+        said = f"{type(error).__name__}: {error}"
+        code = said.upper().replace(" ", "_")
+        if where.is_local:
+            hint = "check the folder exists or can be created and is writable"
+        elif any(c in code for c in ("SIGNATURE_DOES_NOT_MATCH", "SIGNATUREDOESNOTMATCH", "INVALID_ACCESS_KEY_ID",
+                                     "INVALIDACCESSKEYID", "INVALID_CLIENT_TOKEN", "EXPIRED_TOKEN", "INVALID_TOKEN",
+                                     "UNAUTHENTICATED")):
+            hint = ("the credentials were refused (unknown access key or wrong secret key): check "
+                    "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN, or the cluster's role) are the "
+                    "ones for this store and AWS_ENDPOINT_URL")
+        elif any(c in code for c in ("ACCESS_DENIED", "ACCESSDENIED", "PERMISSION_DENIED", "HTTP_STATUS_403")):
+            hint = ("access was denied: the credentials in use (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or the "
+                    "cluster's role) may not write, read back and delete under this prefix (read-only for them, "
+                    "or a bucket policy forbids it); use a writable prefix or grant s3:PutObject, s3:GetObject "
+                    "and s3:DeleteObject on it")
+        else:
+            hint = ("check the bucket exists, the credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or the "
+                    "cluster's role) and AWS_ENDPOINT_URL for an S3-compatible server, and that the prefix is writable")
+        raise StorageError(f"{what} {where} cannot be written: {said}. {hint}.") from None

@@ -70,3 +70,15 @@ def s3(s3_server, monkeypatch):
     for key, value in s3_server.env.items():
         monkeypatch.setenv(key, value)
     yield s3_server, s3_server.create_bucket()
+
+
+@pytest.fixture(scope="session")
+def s3_auth_server(tmp_path_factory):
+    """A second loopback S3 server (moto) that enforces signatures and IAM policies: every request must be signed
+    by a key made through its IAM API. `env`/`client()` carry an admin key; `restricted_user(prefix)` makes a
+    bucket and a user for whom that prefix is read-only."""
+    from s3_server import S3Server
+
+    server = S3Server(str(tmp_path_factory.mktemp("s3-auth") / "moto.log"), authenticate=True)
+    yield server
+    server.stop()

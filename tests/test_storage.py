@@ -47,3 +47,56 @@ def test_step_dir_on_s3_is_finished_only_when_its_manifest_exists(s3):
 def test_a_bucket_that_does_not_exist_is_named_before_any_work(s3):
     with pytest.raises(storage.StorageError, match=r"run_dir s3://no-such-bucket-here/runs cannot be written.*NO_SUCH_BUCKET"):
         storage.check_writable("s3://no-such-bucket-here/runs", "run_dir")
+
+
+@pytest.mark.parametrize("wrong", ["secret", "key"])
+def test_refused_credentials_are_named_before_any_work(s3_auth_server, monkeypatch, wrong):
+    server = s3_auth_server
+    bucket = server.create_bucket()
+    for key, value in server.env.items():
+        monkeypatch.setenv(key, value)
+    if wrong == "secret":
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", server.secret[:-4] + "XXXX")
+    else:
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIANOSUCHKEY0000000")
+    with pytest.raises(storage.StorageError) as raised:
+        storage.check_writable(f"s3://{bucket}/runs", "run_dir")
+    message = str(raised.value)
+    assert message.startswith(f"run_dir s3://{bucket}/runs cannot be written: ")
+    assert ("SIGNATURE_DOES_NOT_MATCH" if wrong == "secret" else "INVALID_ACCESS_KEY_ID") in message
+    assert "the credentials were refused" in message and "AWS_SECRET_ACCESS_KEY" in message
+    assert server.keys(bucket) == []  # nothing was written
+
+
+def test_a_read_only_prefix_is_named_before_any_work_and_a_writable_one_passes(s3_auth_server, monkeypatch):
+    server = s3_auth_server
+    bucket, user_env = server.restricted_user(read_only_prefix="runs/ro")
+    server.client().put_object(Bucket=bucket, Key="runs/ro/inputs.txt", Body=b"shared")
+    for key, value in user_env.items():
+        monkeypatch.setenv(key, value)
+
+    storage.check_writable(f"s3://{bucket}/runs/rw", "run_dir")  # same user, same bucket: allowed
+    assert storage.path(f"s3://{bucket}/runs/ro/inputs.txt").read_text() == "shared"  # read-only, not no-access
+    with pytest.raises(storage.StorageError) as raised:
+        storage.check_writable(f"s3://{bucket}/runs/ro", "run_dir")
+    message = str(raised.value)
+    assert message.startswith(f"run_dir s3://{bucket}/runs/ro cannot be written: ")
+    assert "ACCESS_DENIED" in message and "access was denied" in message and "credentials" in message
+    assert [k for k in server.keys(bucket) if "_imagen_write_check_" in k] == []  # no probe left behind
+    assert server.keys(bucket, "runs/ro/") == ["runs/ro/inputs.txt"]
+
+
+def test_the_authenticating_server_refuses_what_its_policies_forbid(s3_auth_server):
+    """The tests above mean something only if the server really checks: a sanity check on the fixture itself."""
+    import botocore.exceptions
+
+    server = s3_auth_server
+    bucket, user_env = server.restricted_user(read_only_prefix="ro")
+    user = server.client(user_env["AWS_ACCESS_KEY_ID"], user_env["AWS_SECRET_ACCESS_KEY"])
+    for client, key, code in [(server.client(server.key_id, "wrong"), "x", "SignatureDoesNotMatch"),
+                              (server.client("AKIANOSUCHKEY0000000", "x"), "x", "InvalidAccessKeyId"),
+                              (user, "ro/x", "AccessDenied")]:
+        with pytest.raises(botocore.exceptions.ClientError) as raised:
+            client.put_object(Bucket=bucket, Key=key, Body=b"1")
+        assert raised.value.response["Error"]["Code"] == code
+    user.put_object(Bucket=bucket, Key="rw/x", Body=b"1")
