@@ -35,6 +35,8 @@ import pyarrow as pa
 from pipelines import fetch_policy
 from pipelines.fetch_policy import FetchPolicyConfig, refusal_kind
 from pipelines.ray_env import RayConfig, init_ray
+from pipelines import storage
+from pipelines.storage import StoragePath
 from pipelines.step import StepDir, atomic_write_json, atomic_write_parquet, run_shards
 from pipelines.url_lists import UrlListConfig, shard_path, split_into_shards, validate_url_list
 
@@ -68,7 +70,7 @@ class IngestConfig:
     url_list: UrlListConfig
     """Where the URLs and captions are."""
     output_dir: str
-    """Step directory: inputs/, shards/, _done/, manifest.json. Local or shared filesystem."""
+    """Step directory: inputs/, shards/, _done/, manifest.json. A local or shared path, or an object-store URL."""
     rows_per_shard: int = 10_000
     """Rows per shard: the unit of retry and resume."""
     image_size: int = 64
@@ -101,7 +103,7 @@ class IngestConfig:
             raise TypeError(f"url_list must be a UrlListConfig, got {type(self.url_list).__name__}")
         if not self.output_dir:
             raise ValueError("output_dir must name the step directory")
-        object.__setattr__(self, "output_dir", os.fspath(self.output_dir))
+        object.__setattr__(self, "output_dir", str(storage.path(self.output_dir)))  # absolute: sent to workers
         for name, low in (("rows_per_shard", 1), ("image_size", 8), ("threads_per_shard", 1), ("max_attempts", 1)):
             if getattr(self, name) < low:
                 raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)}")
@@ -278,8 +280,8 @@ def ingest_shard(config: IngestConfig, step: StepDir, shard_id: str) -> dict[str
     started = time.monotonic()
     fetch_policy.img2dataset_downloader()  # seconds on a fresh worker (wandb, cv2, albumentations): timed apart
     imported = time.monotonic()
-    out = pathlib.Path(config.output_dir)
-    inputs = pq.read_table(shard_path(out / INPUTS_DIR, shard_id))
+    out = storage.path(config.output_dir)
+    inputs = pq.read_table(str(shard_path(out / INPUTS_DIR, shard_id)))
     with tempfile.TemporaryDirectory(prefix=f"ingest-{shard_id}-") as scratch:
         raw = _run_img2dataset(config, inputs, int(shard_id), pathlib.Path(scratch))
     downloaded = time.monotonic()
@@ -295,8 +297,8 @@ def ingest_shard(config: IngestConfig, step: StepDir, shard_id: str) -> dict[str
     return stats
 
 
-def output_shard_path(output_dir: str | os.PathLike, shard_id: str) -> pathlib.Path:
-    return pathlib.Path(output_dir) / SHARDS_DIR / f"{shard_id}.parquet"
+def output_shard_path(output_dir: str | os.PathLike | StoragePath, shard_id: str) -> StoragePath:
+    return storage.path(output_dir) / SHARDS_DIR / f"{shard_id}.parquet"
 
 
 # -- the step -------------------------------------------------------------------------------------
@@ -336,7 +338,7 @@ def run_ingest(config: IngestConfig, ray_config: RayConfig = RayConfig()) -> dic
     """Run (or resume) the ingest step; return its manifest. A finished step returns at once."""
     started = time.monotonic()
     files = validate_url_list(config.url_list)  # seconds, before any download
-    out = pathlib.Path(config.output_dir)
+    out = storage.path(config.output_dir)
     step = StepDir.open(out, STEP_NAME, config.identity(), [f.fingerprint() for f in files])
     if (manifest := step.manifest()) is not None:
         return manifest
@@ -370,12 +372,10 @@ def run_ingest(config: IngestConfig, ray_config: RayConfig = RayConfig()) -> dic
 
 def read_output(output_dir: str | os.PathLike) -> pa.Table:
     """All output shards of a finished ingest as one table (for checks and small corpora)."""
-    import json
-
     import pyarrow.parquet as pq
 
-    manifest_path = pathlib.Path(output_dir) / "manifest.json"
+    manifest_path = storage.path(output_dir) / "manifest.json"
     if not manifest_path.exists():
         raise FileNotFoundError(f"{output_dir} holds no finished ingest (no manifest.json); run run_ingest first")
-    files = json.loads(manifest_path.read_text())["shard_files"]
-    return pa.concat_tables([pq.read_table(pathlib.Path(output_dir) / f, schema=OUTPUT_SCHEMA) for f in files])
+    files = manifest_path.read_json()["shard_files"]
+    return pa.concat_tables([pq.read_table(str(storage.path(output_dir) / f), schema=OUTPUT_SCHEMA) for f in files])

@@ -13,11 +13,8 @@ its inputs' keys changed. `pipeline_state.json` holds each step's state for `ima
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
-import pathlib
-import shutil
 import socket
 import threading
 import time
@@ -31,12 +28,13 @@ from pipelines.pipeline_config import (
     INGEST_DIR,
     REGISTRY_DIR,
     SCORES_DIR,
-    TRAIN_DIR,
     PipelineConfig,
 )
 from pipelines.run_output import RunOutput, count_files, count_lines
 from pipelines.status import STATE_FILE
+from pipelines import storage
 from pipelines.step import StepDir, StepKeyMismatch, atomic_write_json, step_key
+from pipelines.storage import StoragePath
 
 log = logging.getLogger("imagen.pipeline")
 
@@ -47,10 +45,10 @@ SUPERSEDED_DIR = "superseded"
 class RunState:
     """`<run_dir>/pipeline_state.json`: every step's state, seconds, directory and MLflow run; rewritten on change."""
 
-    def __init__(self, root: pathlib.Path, steps: list[str], dirs: dict[str, str]) -> None:
+    def __init__(self, root: StoragePath, steps: list[str], dirs: dict[str, str]) -> None:
         self.path = root / STATE_FILE
         self.lock = threading.Lock()
-        old = json.loads(self.path.read_text()).get("steps", {}) if self.path.exists() else {}
+        old = self.path.read_json().get("steps", {}) if self.path.exists() else {}
         self.steps = {name: {"state": "pending", "dir": dirs.get(name), **_kept(old.get(name))} for name in steps}
         self.data = {"pid": os.getpid(), "host": socket.gethostname(), "started_at": time.time(),
                      "state": "running", "order": steps, "steps": self.steps}
@@ -77,20 +75,19 @@ def _kept(old: dict[str, Any] | None) -> dict[str, Any]:
 
 
 # -- steps that start over when their config changed ------------------------------------------------------------
-def supersede(root: pathlib.Path, step_dir: pathlib.Path, name: str) -> pathlib.Path:
+def supersede(root: StoragePath, step_dir: StoragePath, name: str) -> StoragePath:
     """Move a step directory holding another key aside (nothing is deleted) so the step can run afresh."""
-    held = json.loads((step_dir / "_key.json").read_text()).get("key", "unknown")
+    held = (step_dir / "_key.json").read_json().get("key", "unknown")
     target = root / SUPERSEDED_DIR / f"{name}-{held}-{int(time.time())}"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.move(str(step_dir), str(target))
+    step_dir.move_to(target)
     return target
 
 
-def _rerun_on_change(root: pathlib.Path, name: str, run: Callable[[], dict[str, Any]], out: RunOutput) -> dict[str, Any]:
+def _rerun_on_change(root: StoragePath, name: str, run: Callable[[], dict[str, Any]], out: RunOutput) -> dict[str, Any]:
     try:
         return run()
     except StepKeyMismatch as mismatch:  # raised when the step opens its directory, before any work
-        moved = supersede(root, pathlib.Path(mismatch.root), name)
+        moved = supersede(root, storage.path(mismatch.root), name)
         out.line(f"{name}: its config or inputs changed; the previous outputs moved to {moved.relative_to(root)}")
         return run()
 
@@ -123,14 +120,14 @@ def fits_together(demands: list[dict[str, float]], available: dict[str, float]) 
 
 
 # -- registry steps -------------------------------------------------------------------------------------------
-def export_heldout(embed_dir: pathlib.Path, out_dir: pathlib.Path, val_fraction: float) -> dict[str, Any]:
+def export_heldout(embed_dir: StoragePath, out_dir: StoragePath, val_fraction: float) -> dict[str, Any]:
     """The rows every stage's training held out, as <key>.png + <key>.txt (img2dataset's "files" layout)."""
     import pyarrow.dataset as ds
 
     from pipelines.step import atomic_write_bytes
     from pipelines.train.data import held_out
 
-    embed_key = json.loads((embed_dir / "manifest.json").read_text())["key"]
+    embed_key = (embed_dir / "manifest.json").read_json()["key"]
     step = StepDir.open(out_dir, "heldout", {"val_fraction": val_fraction}, [embed_key])
     if (manifest := step.manifest()) is not None:
         return manifest
@@ -325,8 +322,8 @@ def run_pipeline(config: PipelineConfig, out: RunOutput | None = None) -> dict[s
     from pipelines.workflow import PipelineRun
 
     root = config.root
-    preflight(config)  # seconds, before any step: every field, the URL list, MLflow, DeepSpeed, text widths
-    root.mkdir(parents=True, exist_ok=True)
+    preflight(config)  # seconds, before any step: every field, the URL list, the store, MLflow, DeepSpeed, widths
+    root.mkdir()
     out = out or RunOutput(config.log_path)
     with out.capture():
         from imagen_core.config_io import to_dict
@@ -362,9 +359,16 @@ def run_pipeline(config: PipelineConfig, out: RunOutput | None = None) -> dict[s
             raise
         finally:
             _stop_local_ray(config)
+            _keep_log(config)
         state.finish("done")
     atomic_write_json(root / "summary.json", summary)
     return summary
+
+
+def _keep_log(config: PipelineConfig) -> None:
+    """An object-store run keeps a copy of its log beside its outputs (the live log is a local file)."""
+    if not config.root.is_local and config.log_path.exists():
+        (config.root / "run.log").write_bytes(config.log_path.read_bytes())
 
 
 def _stop_local_ray(config: PipelineConfig) -> None:
@@ -381,6 +385,6 @@ def _report(config: PipelineConfig) -> dict[str, Any]:
 
     written = config.dir(CURATE_DIR) / "report" / "report.json"
     if written.exists():
-        return json.loads(written.read_text())
+        return written.read_json()
     return report(config.dir(CURATE_DIR), ingest_dir=config.dir(INGEST_DIR), tracking_uri=config.mlflow_uri,
                   experiment=config.experiment)

@@ -1,7 +1,7 @@
 """The pipeline config behind `imagen run`: one TOML file, a table per step, every field typed and checked.
 
 ```toml
-run_dir = "runs/my-run"             # every step writes under it
+run_dir = "runs/my-run"             # every step writes under it (or "s3://bucket/runs/my-run")
 tracking_uri = "http://mlflow:5000" # default: $MLFLOW_TRACKING_URI, else sqlite:///<run_dir>/mlflow.db
 model_name = "imagen"               # registry names: <model_name>-<stage> and the cascade <model_name>
 [ray]      address = "auto"
@@ -20,16 +20,19 @@ checks the whole tree before anything runs and names the bad field.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import pathlib
 from collections.abc import Sequence
 from typing import Any
 
 from imagen_core.config_io import ConfigError, apply_override, build, load_file
+from pipelines import storage
 from pipelines.curate import CurateConfig
 from pipelines.embed import EmbedConfig
 from pipelines.ingest import IngestConfig
 from pipelines.ray_env import RayConfig
+from pipelines.storage import StoragePath
 from pipelines.registry.evaluate import EvalConfig
 from pipelines.train.config import TrainConfig
 
@@ -66,9 +69,12 @@ class PipelineConfig:
     """The whole run: URL list -> ingest -> curate -> embed -> train every stage -> register, evaluate, promote."""
 
     run_dir: str
-    """Where every step writes (ingest/, scores/, curate/, embed/, train/<stage>/, heldout/, registry/)."""
+    """Where every step writes (ingest/, scores/, curate/, embed/, train/<stage>/, heldout/, registry/): a local
+    or shared path, or an object-store URL (s3://bucket/prefix, gs://...; credentials from the usual AWS_*/GCS
+    variables, which Ray forwards to every worker)."""
     tracking_uri: str | None = None
-    """MLflow tracking URI; None: $MLFLOW_TRACKING_URI (a cluster's Secret), else sqlite:///<run_dir>/mlflow.db."""
+    """MLflow tracking URI; None: $MLFLOW_TRACKING_URI (a cluster's Secret), else sqlite:///<run_dir>/mlflow.db
+    (a local run_dir only: an object-store run needs an MLflow server)."""
     experiment: str = "imagen"
     """MLflow experiment of the pipeline run, its steps and the trainings."""
     model_name: str = "imagen"
@@ -76,7 +82,8 @@ class PipelineConfig:
     seed: int = 0
     """Seeds training (a stage table's own `seed` wins)."""
     log_file: str | None = None
-    """Where Ray, DeepSpeed and library logs go (None: <run_dir>/run.log); the terminal gets a line per step."""
+    """Where Ray, DeepSpeed and library logs go (None: <run_dir>/run.log; for an object-store run_dir a local
+    file, copied to <run_dir>/run.log when the run ends); the terminal gets a line per step."""
     ray: RayConfig = RayConfig()
     ingest: IngestConfig
     curate: CurateConfig
@@ -103,8 +110,8 @@ class PipelineConfig:
                              f"{list(self.evaluate.metrics)}")
 
     @property
-    def root(self) -> pathlib.Path:
-        return pathlib.Path(self.run_dir).resolve()
+    def root(self) -> StoragePath:
+        return storage.path(self.run_dir)
 
     @property
     def mlflow_uri(self) -> str:
@@ -112,14 +119,31 @@ class PipelineConfig:
 
     @property
     def log_path(self) -> pathlib.Path:
-        return pathlib.Path(self.log_file) if self.log_file else self.root / "run.log"
+        """A local file (file descriptors are redirected into it)."""
+        return pathlib.Path(self.log_file).resolve() if self.log_file else local_dir(self.root) / "run.log"
 
-    def dir(self, name: str) -> pathlib.Path:
+    def dir(self, name: str) -> StoragePath:
         return self.root / name
 
 
-def default_tracking_uri(given: str | None, root: pathlib.Path) -> str:
-    return given or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / 'mlflow.db'}"
+def local_dir(root: StoragePath) -> pathlib.Path:
+    """The run's folder on this machine: run_dir itself, or for an object-store run_dir a cache folder named by
+    its URL (the live log file; the demo's served corpus)."""
+    if root.is_local:
+        return root.local
+    digest = hashlib.sha256(str(root).encode()).hexdigest()[:12]
+    return pathlib.Path(os.environ.get("IMAGEN_CACHE_DIR", "~/.cache/imagen")).expanduser() / "runs" / digest
+
+
+def default_tracking_uri(given: str | None, root: StoragePath) -> str:
+    given = given or os.environ.get("MLFLOW_TRACKING_URI")
+    if given:
+        return given
+    if not root.is_local:
+        raise ConfigError(f"tracking_uri: run_dir {root} is in an object store, where an MLflow sqlite database "
+                          "cannot live; set tracking_uri (or $MLFLOW_TRACKING_URI) to your MLflow server, e.g. "
+                          "http://mlflow:5000")
+    return f"sqlite:///{root.local / 'mlflow.db'}"
 
 
 def _filled(data: dict[str, Any]) -> dict[str, Any]:
@@ -130,7 +154,7 @@ def _filled(data: dict[str, Any]) -> dict[str, Any]:
         raise ConfigError("run_dir: missing; the pipeline config needs the directory every step writes under")
     if not isinstance(data["run_dir"], str):
         raise ConfigError(f"run_dir: expected str, got {type(data['run_dir']).__name__}")
-    root = pathlib.Path(data["run_dir"]).resolve()
+    root = storage.path(data["run_dir"])
     out = dict(data)
     tables = {name: out.get(name) for name in ("ingest", "curate", "embed", "train")}
     for name, table in tables.items():

@@ -1,9 +1,9 @@
 """Checks of a whole pipeline config that take seconds and run before any step, each naming the field to fix.
 
 Types and unknown keys are checked when the config is built (imagen_core/config_io.py); this adds what needs
-the outside world or several tables at once: the URL list exists and has its columns, the tracking server
-answers, each stage's DeepSpeed settings resolve, and each stage's text encoder is the one the embed step
-stores, with the width its U-Net expects.
+the outside world or several tables at once: the run directory (or bucket) takes writes, the URL list exists and
+has its columns, the tracking server answers, each stage's DeepSpeed settings resolve, and each stage's text
+encoder is the one the embed step stores, with the width its U-Net expects.
 """
 from __future__ import annotations
 
@@ -69,10 +69,12 @@ def check_stages(config: PipelineConfig) -> None:
 
 def preflight(config: PipelineConfig) -> dict[str, Any]:
     """Everything that can be checked before the first step; raises with the field to fix."""
+    from pipelines.storage import check_writable
     from pipelines.tracking import check_tracking
     from pipelines.url_lists import validate_url_list
 
     check_stages(config)
     files = validate_url_list(config.ingest.url_list)
+    check_writable(config.root, "run_dir")  # a missing bucket, refused credentials, a read-only prefix
     tracking = check_tracking(config.mlflow_uri)
     return {"url_list_files": len(files), "tracking": tracking.uri}

@@ -14,7 +14,10 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, TextIO
+from typing import TextIO
+
+from pipelines import storage
+from pipelines.storage import StoragePath
 
 
 class RunOutput:
@@ -126,10 +129,10 @@ def _duration(seconds: float) -> str:
     return f"{seconds:.1f}s" if seconds < 90 else f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
 
 
-def count_files(directory: str | os.PathLike, pattern: str) -> Callable[[], int]:
+def count_files(directory: str | os.PathLike | StoragePath, pattern: str) -> Callable[[], int]:
     """A poll for `progress`: how many files match `pattern` in `directory` now."""
-    path = pathlib.Path(directory)
-    return lambda: sum(1 for _ in path.glob(pattern)) if path.exists() else 0
+    path = storage.path(directory)
+    return lambda: len(path.glob(pattern))
 
 
 def count_lines(path: str | os.PathLike) -> Callable[[], int]:

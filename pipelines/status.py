@@ -6,11 +6,11 @@ while a run goes on. A step the file calls running whose driver process is gone 
 """
 from __future__ import annotations
 
-import json
 import os
-import pathlib
 import socket
 from typing import Any
+
+from pipelines import storage
 
 STATE_FILE = "pipeline_state.json"
 """Written by the pipeline's driver (pipelines/pipeline.py RunState); read here without importing the pipeline."""
@@ -29,25 +29,25 @@ def _driver_alive(state: dict[str, Any]) -> bool:
 def _progress(name: str, directory: str | None) -> str | None:
     if not directory:
         return None
-    path = pathlib.Path(directory)
+    path = storage.path(directory)
     if name.startswith("train_"):
-        ledger = path / "ledger" / "rank0.jsonl"
+        from pipelines.train.ledger import read_ledger
+
         config = path / "train_config.json"
-        if not ledger.exists() or not config.exists():
+        if not config.exists():
             return None
-        with open(ledger, "rb") as f:
-            steps = len({json.loads(line)["step"] for line in f if line.strip()})
-        return f"{steps}/{json.loads(config.read_text())['total_steps']} steps"
+        steps = len({step for rank, step in read_ledger(path) if rank == 0})
+        return f"{steps}/{config.read_json()['total_steps']} steps" if steps else None
     done = path / "_done"
-    return f"{sum(1 for _ in done.glob('*.json'))} shards" if done.exists() else None
+    return f"{len(done.glob('*.json'))} shards" if done.exists() else None
 
 
 def run_status(run_dir: str | os.PathLike) -> dict[str, Any]:
     """The run's state with each step's progress; raises FileNotFoundError for a directory that holds no run."""
-    path = pathlib.Path(run_dir) / STATE_FILE
+    path = storage.path(run_dir) / STATE_FILE
     if not path.exists():
         raise FileNotFoundError(f"{run_dir} holds no pipeline run (no {STATE_FILE}): start one with imagen run CONFIG")
-    state = json.loads(path.read_text())
+    state = path.read_json()
     alive = _driver_alive(state)
     if state["state"] == "running" and not alive:
         state["state"] = "failed"
@@ -56,7 +56,7 @@ def run_status(run_dir: str | os.PathLike) -> dict[str, Any]:
         if step["state"] == "running" and not alive:
             step["state"] = "failed"
         step["progress"] = _progress(name, step.get("dir"))
-        manifest = pathlib.Path(step["dir"]) / "manifest.json" if step.get("dir") else None
+        manifest = storage.path(step["dir"]) / "manifest.json" if step.get("dir") else None
         step["outputs"] = str(manifest.parent) if manifest is not None and manifest.exists() else None
     return state
 

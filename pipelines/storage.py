@@ -66,7 +66,12 @@ def filesystem(path: str | os.PathLike) -> tuple[Any, str]:
     if scheme == "file":
         return pafs.LocalFileSystem(), "/" + rest.lstrip("/")
     authority, _, key = rest.partition("/")
-    return _filesystem_for(f"{scheme}://{authority}"), f"{authority}/{key}".rstrip("/")
+    fs = _filesystem_for(f"{scheme}://{authority}")
+    if isinstance(fs, pafs.PyFileSystem):  # fsspec names paths its own way (memory:// keeps a leading /)
+        import fsspec
+
+        return fs, fsspec.core.url_to_fs(text)[1]
+    return fs, f"{authority}/{key}".rstrip("/")
 
 
 class StoragePath:
@@ -186,6 +191,11 @@ class StoragePath:
                 out.append(self / relative)
         return sorted(out, key=str)
 
+    def glob(self, pattern: str) -> list["StoragePath"]:
+        """pathlib's glob for files: `*.parquet` in this folder, `**/x` or `a/*.json` below it."""
+        return self.files(pattern.removeprefix("**/") if pattern.startswith("**/") else pattern,
+                          recursive="/" in pattern)
+
     def dirs(self) -> list["StoragePath"]:
         import pyarrow.fs as pafs
 
@@ -246,6 +256,14 @@ class StoragePath:
             return
         fs, inner = filesystem(self._uri)
         pq.write_table(table, inner, filesystem=fs, **write_options)
+
+    def unlink(self, missing_ok: bool = True) -> None:
+        fs, inner = filesystem(self._uri)
+        try:
+            fs.delete_file(inner)
+        except FileNotFoundError:
+            if not missing_ok:
+                raise
 
     def remove(self) -> None:
         fs, inner = filesystem(self._uri)
@@ -328,6 +346,14 @@ def check_writable(root: str | os.PathLike | StoragePath, what: str) -> None:
     """Write, read back and delete a probe object under `root`: a missing bucket, refused credentials or a
     read-only prefix fail here, in seconds, naming the URI, before any step starts."""
     where = path(root)
+    if where.is_local:  # the nearest existing folder must take new files; nothing is created before the run
+        existing = where.local
+        while not existing.exists():
+            existing = existing.parent
+        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+            raise StorageError(f"{what} {where} cannot be written: {existing} is not a writable folder. Choose "
+                               "another path, or fix its permissions.")
+        return
     probe = where / f"_imagen_write_check_{uuid.uuid4().hex[:12]}"
     try:
         probe.write_bytes(b"ok")

@@ -15,9 +15,12 @@ import os
 import pathlib
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import pyarrow as pa
+
+from pipelines import storage
+from pipelines.storage import StoragePath
 
 Format = Literal["auto", "parquet", "csv", "tsv", "jsonl"]
 _EXTENSION_FORMATS = {
@@ -77,21 +80,6 @@ class UrlListFile:
 
 
 # -- finding the files ----------------------------------------------------------------------------
-def _filesystem(path: str) -> tuple[Any, str]:
-    """(pyarrow filesystem, path on it) for a local path or URL; fsspec serves schemes pyarrow lacks."""
-    import pyarrow.fs as pafs
-
-    if "://" not in path:
-        return pafs.LocalFileSystem(), os.path.abspath(path)
-    try:
-        return pafs.FileSystem.from_uri(path)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-        import fsspec
-
-        fs, inner = fsspec.core.url_to_fs(path)
-        return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), inner
-
-
 def _format_of(path: str, requested: Format) -> str | None:
     name = path.lower()
     for suffix in _COMPRESSIONS:
@@ -110,7 +98,7 @@ def _in_folder_format(path: str, requested: Format) -> bool:
 def _expand(given: str, requested: Format) -> list[UrlListFile]:
     import pyarrow.fs as pafs
 
-    fs, path = _filesystem(given)
+    fs, path = storage.filesystem(given)
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.NotFound:
         raise UrlListError(f"{given}: no such file or folder. Check the path (and credentials for a bucket).")
@@ -160,7 +148,7 @@ def _open_batches(
     import pyarrow.json as pajson
     import pyarrow.parquet as pq
 
-    fs, path = _filesystem(file.path)
+    fs, path = storage.filesystem(file.path)
     if file.format == "parquet":
         reader = pq.ParquetFile(fs.open_input_file(path))
         return reader.schema_arrow, reader.iter_batches(batch_size=_BATCH_ROWS, columns=columns if select else None)
@@ -249,11 +237,11 @@ def iter_url_batches(config: UrlListConfig, files: list[UrlListFile]) -> Iterato
 
 
 # -- input shards ---------------------------------------------------------------------------------
-def shard_path(shards_dir: str | os.PathLike, shard_id: str) -> pathlib.Path:
-    return pathlib.Path(shards_dir) / f"{shard_id}.parquet"
+def shard_path(shards_dir: str | os.PathLike | StoragePath, shard_id: str) -> StoragePath:
+    return storage.path(shards_dir) / f"{shard_id}.parquet"
 
 
-def _write_shard(shards_dir: pathlib.Path, index: int, first_row: int, rows: pa.Table) -> str:
+def _write_shard(shards_dir: StoragePath, index: int, first_row: int, rows: pa.Table) -> str:
     from pipelines.step import atomic_write_parquet
 
     shard_id = f"{index:05d}"
@@ -281,7 +269,7 @@ def split_into_shards(
     if rows_per_shard < 1:
         raise ValueError(f"rows_per_shard must be >= 1, got {rows_per_shard}")
     files = validate_url_list(config) if files is None else files
-    out = pathlib.Path(out_dir)
+    out = storage.path(out_dir)
     record_path = out / _SPLIT_RECORD
     identity = {
         "config": dataclasses.asdict(config),
@@ -290,7 +278,7 @@ def split_into_shards(
     }
     identity = json.loads(json.dumps(identity))  # tuples -> lists, as read back from the record
     if record_path.exists():
-        record = json.loads(record_path.read_text())
+        record = record_path.read_json()
         if record.get("identity") == identity:
             return record["shard_ids"]
         record_path.unlink()

@@ -18,13 +18,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import pathlib
 import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
 
+from pipelines import storage
 from pipelines.step import atomic_write_json
+from pipelines.storage import StoragePath
 from pipelines.tracking import check_tracking, experiment_id, flatten_params
 
 log = logging.getLogger("imagen.workflow")
@@ -71,12 +74,12 @@ class PipelineRun:
     Use as a context manager: leaving it marks the parent FINISHED, or FAILED (KILLED on Ctrl-C) on an error.
     """
 
-    def __init__(self, run_dir: str | pathlib.Path, tracking_uri: str, experiment: str, run_name: str,
+    def __init__(self, run_dir: str | os.PathLike | StoragePath, tracking_uri: str, experiment: str, run_name: str,
                  params: dict[str, Any] | None = None) -> None:
         from mlflow import MlflowClient
 
         check_tracking(tracking_uri)  # seconds, before any step starts
-        self.run_dir = pathlib.Path(run_dir)
+        self.run_dir = storage.path(run_dir)
         self.tracking_uri = tracking_uri
         self.client = MlflowClient(tracking_uri=tracking_uri)
         self.experiment_id = experiment_id(self.client, tracking_uri, experiment)
@@ -89,7 +92,7 @@ class PipelineRun:
         record = self.run_dir / PIPELINE_RUN_FILE
         if not record.exists():
             return None
-        stored = json.loads(record.read_text())
+        stored = record.read_json()
         if stored.get("tracking_uri") != self.tracking_uri:
             return None
         try:

@@ -18,6 +18,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from imagen_core.config_io import ConfigError, apply_override, build, load_file
+from pipelines import storage
+from pipelines.pipeline_config import local_dir
 
 DEMO_CONFIG = "demo.toml"
 
@@ -165,16 +167,17 @@ def run_demo(config_path: str | None = None, overrides: Sequence[str] = (), out:
     options = build(DemoOptions, data.pop("demo", {}), "demo")
     if not isinstance(data.get("run_dir"), str):
         raise ConfigError("run_dir: the demo config needs the directory every step writes under")
-    root = pathlib.Path(data["run_dir"]).resolve()
-    root.mkdir(parents=True, exist_ok=True)
+    root = storage.path(data["run_dir"])
+    local = local_dir(root)  # the served corpus and the fitted CLIP: on this machine, whatever run_dir is
+    local.mkdir(parents=True, exist_ok=True)
     _check_before_work(data)
     seed = int(data.get("seed", 0))
-    out = out or RunOutput(pathlib.Path(data.get("log_file") or root / "run.log"))
+    out = out or RunOutput(pathlib.Path(data.get("log_file") or local / "run.log"))
     with out.capture():
-        server, url_list = _serve_corpus(root, options, seed)
+        server, url_list = _serve_corpus(local, options, seed)
         try:
             out.line(f"demo corpus: {options.num_images} rows served at {server.base_url}")
-            clip = fit_demo_clip(root, seed)
+            clip = fit_demo_clip(local, seed)
             prompts = unseen_prompts(url_list, options.num_prompts, seed)
             data = apply_override(data, f"ingest.url_list.paths={json.dumps([str(url_list)])}")
             data["curate"] = {**data.get("curate", {}), "score": {**data.get("curate", {}).get("score", {}),
@@ -190,5 +193,5 @@ def run_demo(config_path: str | None = None, overrides: Sequence[str] = (), out:
         samples = sample_grid(config, prompts)
         out.done("sample", time.monotonic() - started, samples["grid"])
     summary.update(samples=samples, prompts=prompts)
-    (root / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    (root / "summary.json").write_json(summary)
     return summary
