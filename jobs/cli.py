@@ -21,7 +21,7 @@ Command = Callable[[argparse.Namespace], Any]
 # Matched by name so that no heavy package is imported to catch them.
 USER_ERRORS = frozenset({
     "UrlListError", "ConfigError", "TextEncoderWeightsError", "ClipWeightsUnavailable", "CheckpointError",
-    "StepKeyMismatch", "RunExists", "TrackingUnavailable", "FileNotFoundError", "InceptionUnavailable",
+    "StepKeyMismatch", "RunExists", "TrackingUnavailable", "FileNotFoundError", "InceptionUnavailable", "StorageError",
 })
 
 

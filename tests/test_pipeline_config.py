@@ -225,3 +225,18 @@ def test_tracking_uri_falls_back_to_the_environment_then_the_run_directory(tmp_p
     config = pipeline_config_from_dict(tiny_table(tmp_path, url_list))
     assert config.mlflow_uri == "http://127.0.0.1:5999"
     assert all(t.tracking.tracking_uri == "http://127.0.0.1:5999" for t in config.train.values())
+
+
+def test_an_object_store_run_dir_needs_a_tracking_server(tmp_path, url_list, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    data = {**tiny_table(tmp_path, url_list), "run_dir": "s3://my-bucket/runs/r1"}
+    with pytest.raises(ConfigError, match=r"tracking_uri: run_dir s3://my-bucket/runs/r1 is in an object store"):
+        pipeline_config_from_dict(data)
+
+
+def test_run_into_a_bucket_that_does_not_exist_fails_before_any_step(capsys, tmp_path, url_list, s3):
+    data = {**tiny_table(tmp_path, url_list), "run_dir": "s3://no-such-bucket-for-imagen/runs/r1",
+            "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    code, err, seconds = _run_cli(capsys, ["run", _write_toml(tmp_path / "p.toml", data)])
+    assert code == 2 and "run_dir s3://no-such-bucket-for-imagen/runs/r1 cannot be written" in err, err
+    assert seconds < 30 and not (tmp_path / "mlflow.db").exists()  # refused before MLflow was touched
