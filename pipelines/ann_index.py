@@ -8,13 +8,15 @@ The autofaiss / SemDeDup recipe with faiss doing the vector work:
 2. assign: per shard (a Ray task), each row's `nprobe` nearest lists; rows are written to one Arrow
    file per shard, sorted by bucket (a bucket is a group of lists), the bucket offsets in the file's
    metadata (`write_partitioned`).
-3. reduce: per bucket (a Ray task), the bucket's slice of every shard file (memory-mapped: only those
-   bytes are read), sorted by (list, key) into `lists/<bucket>.arrow` with per-list offsets.
+3. reduce: per bucket (a Ray task), the bucket's slice of every shard file (each partition is its own
+   record batches: memory-mapped on a local disk, ranged reads on an object store, only those bytes are
+   read), sorted by (list, key) into `lists/<bucket>.arrow` with per-list offsets.
 
 A query (`IvfIndex.search`) reads the quantizer, then only its `nprobe` lists: memory is O(nprobe x
 list size), not O(rows). Curation's near-duplicate pass uses the same training and assignment with
 several probes per row (pipelines/dedup.py); `imagen data search` queries the index built over the
-curated rows (`build_search_index`).
+curated rows (`build_search_index`). Every file (shards, work files, quantizer, lists) goes through
+pipelines/storage.py: the directories may be local paths or object-store URLs (s3://bucket/prefix).
 """
 from __future__ import annotations
 
@@ -22,7 +24,6 @@ import dataclasses
 import json
 import math
 import os
-import pathlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,16 +34,59 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipelines import storage
 from pipelines.step import (StepDir, atomic_write_bytes, atomic_write_json, atomic_write_parquet, finished_manifest,
                             shard_ids_of, shard_path)
+from pipelines.storage import StoragePath
 
 PARTS_META = b"partitions"
+BATCHES_META = b"partition_batches"
 FLAT_QUANTIZER_MAX_LISTS = 16_384
 """Up to this many lists the coarse quantizer is an exact scan of the centroids (faiss IndexFlatIP),
 beyond it an HNSW graph: at 619 lists HNSW (efSearch 64) compared more vectors than a scan."""
 INDEX_DIR = "index"
 QUANTIZER_FILE = "quantizer.faiss"
 CENTROIDS_FILE = "centroids.npy"
+
+
+# -- files on a local disk or an object store (pipelines/storage.py) ---------------------------------------
+Where = str | os.PathLike | StoragePath
+
+
+def read_parquet(path: Where, columns: Sequence[str] | None = None, **options: Any) -> pa.Table:
+    """pq.read_table of a local file or an object-store URL, through the store's cached filesystem."""
+    p = storage.path(path)
+    if p.is_local:
+        return pq.read_table(str(p), columns=None if columns is None else list(columns), **options)
+    return pq.read_table(p.fs_path, columns=None if columns is None else list(columns), filesystem=p.fs, **options)
+
+
+def read_parquet_schema(path: Where) -> pa.Schema:
+    p = storage.path(path)
+    return pq.read_schema(str(p)) if p.is_local else pq.read_schema(p.fs_path, filesystem=p.fs)
+
+
+def parquet_file(path: Where) -> pq.ParquetFile:
+    """A ParquetFile (metadata, row groups read one at a time) of a local file or an object-store URL."""
+    p = storage.path(path)
+    return pq.ParquetFile(str(p)) if p.is_local else pq.ParquetFile(p.open_input())
+
+
+def load_npy(path: Where) -> np.ndarray:
+    p = storage.path(path)
+    if p.is_local:
+        return np.load(p.local)
+    import io
+
+    return np.load(io.BytesIO(p.read_bytes()))
+
+
+def remove_tree(folder: Where) -> None:
+    """Delete a work folder (or prefix) and everything under it; errors are ignored, as shutil.rmtree's."""
+    try:
+        storage.path(folder).remove()
+    except OSError:
+        pass
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -141,23 +185,27 @@ class Quantizer:
         sims, lists = self.index.search(emb, p)
         return lists.astype(np.int64), sims
 
-    def save(self, folder: pathlib.Path) -> None:
+    def save(self, folder: Where) -> None:
         import faiss
 
-        folder.mkdir(parents=True, exist_ok=True)
+        folder = storage.path(folder)
+        folder.mkdir()
         buf = _np_bytes(self.centroids)
         atomic_write_bytes(folder / CENTROIDS_FILE, buf)
         if self.index is not None:
             atomic_write_bytes(folder / QUANTIZER_FILE, faiss.serialize_index(self.index).tobytes())
 
     @classmethod
-    def load(cls, folder: pathlib.Path) -> "Quantizer":
+    def load(cls, folder: Where) -> "Quantizer":
         import faiss
 
-        centroids = np.load(folder / CENTROIDS_FILE)
+        folder = storage.path(folder)
+        centroids = load_npy(folder / CENTROIDS_FILE)
         index = None
-        if (folder / QUANTIZER_FILE).exists():
-            index = faiss.deserialize_index(np.fromfile(folder / QUANTIZER_FILE, np.uint8))
+        graph = folder / QUANTIZER_FILE
+        if graph.exists():
+            raw = np.fromfile(graph.local, np.uint8) if graph.is_local else np.frombuffer(graph.read_bytes(), np.uint8)
+            index = faiss.deserialize_index(raw)
         return cls(centroids=centroids, index=index)
 
 
@@ -174,12 +222,12 @@ def train_from_samples(sample_paths: Sequence[str], column: str, n_lists: int, c
     """A Ray task: read the per-shard samples, sort them by key, train, save into `folder`; returns the
     list count. The sample is capped by IvfConfig.max_train_points, so this task's memory is bounded."""
     if sample_paths and n_lists > 1:
-        sample = pa.concat_tables([pq.read_table(p, columns=["key", column]) for p in sample_paths])
+        sample = pa.concat_tables([read_parquet(p, columns=["key", column]) for p in sample_paths])
         sample = sample.take(pc.sort_indices(sample, sort_keys=[("key", "ascending")]))
         quantizer = train_quantizer(unit(embeddings_of(sample[column])), n_lists, config, dim)
     else:
         quantizer = Quantizer(centroids=np.full((1, dim), 1.0 / math.sqrt(dim), np.float32))
-    quantizer.save(pathlib.Path(folder))
+    quantizer.save(storage.path(folder))
     return quantizer.n_lists
 
 
@@ -215,10 +263,13 @@ def train_quantizer(sample: np.ndarray, n_lists: int, config: IvfConfig, dim: in
 
 
 # -- partitioned files: one file per producer, sorted by partition, offsets in the metadata -----------
-def write_partitioned(path: str | os.PathLike, table: pa.Table, part: np.ndarray, n_parts: int,
+def write_partitioned(path: Where, table: pa.Table, part: np.ndarray, n_parts: int,
                       sort_within: Sequence[str] = ()) -> None:
     """Write `table` sorted by `part` (then `sort_within` columns) as an uncompressed Arrow IPC file
-    with `n_parts + 1` offsets in its metadata, atomically."""
+    with `n_parts + 1` row offsets in its metadata, whole (a local temp file renamed, or one object).
+
+    Each partition is its own record batches (their first batch index per partition is in the metadata
+    too), so a reader of one partition reads only its bytes: from a memory map, or ranged reads from a store."""
     part = np.asarray(part, np.int64)
     table = table.append_column("__part", pa.array(part))
     keys = [("__part", "ascending")] + [(c, "ascending") for c in sort_within]
@@ -226,32 +277,58 @@ def write_partitioned(path: str | os.PathLike, table: pa.Table, part: np.ndarray
     counts = np.bincount(np.asarray(table["__part"]), minlength=n_parts) if table.num_rows else np.zeros(n_parts, np.int64)
     offsets = np.concatenate([[0], np.cumsum(counts)]).tolist()
     table = table.drop_columns(["__part"])
-    schema = table.schema.with_metadata({**(table.schema.metadata or {}), PARTS_META: json.dumps(offsets).encode()})
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    chunk = 65536
+    batches = np.concatenate([[0], np.cumsum([-(-int(c) // chunk) for c in counts])]).tolist()
+    schema = table.schema.with_metadata({**(table.schema.metadata or {}), PARTS_META: json.dumps(offsets).encode(),
+                                         BATCHES_META: json.dumps(batches).encode()})
+    table = table.replace_schema_metadata(schema.metadata)
+
+    def write(sink: Any) -> None:
+        with pa.ipc.new_file(sink, schema) as writer:
+            for p in range(n_parts):
+                start, stop = offsets[p], offsets[p + 1]
+                for lo in range(start, stop, chunk):
+                    # one batch per slice (combined: write_table would write one per chunk)
+                    writer.write_batch(table.slice(lo, min(chunk, stop - lo)).combine_chunks().to_batches()[0])
+
+    target = storage.path(path)
+    if not target.is_local:
+        fs, inner = target.fs, target.fs_path
+        with fs.open_output_stream(inner) as sink:  # one object: complete on close, never half
+            write(sink)
+        return
+    local = target.local
+    local.parent.mkdir(parents=True, exist_ok=True)
+    tmp = local.with_name(f".{local.name}.{os.getpid()}.tmp")
     try:
-        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
-            writer.write_table(table.replace_schema_metadata(schema.metadata), max_chunksize=65536)
-        os.replace(tmp, path)
+        with pa.OSFile(str(tmp), "wb") as sink:
+            write(sink)
+        os.replace(tmp, local)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
 
 
 class PartitionedFile:
-    """A memory-mapped partitioned file: `part(p)` reads only partition p's bytes."""
+    """A partitioned file, memory-mapped on a local disk or opened for ranged reads on a store:
+    `part(p)` reads only partition p's bytes."""
 
-    def __init__(self, path: str | os.PathLike) -> None:
-        self.path = pathlib.Path(path)
-        self._source = pa.memory_map(str(self.path), "r")
+    def __init__(self, path: Where) -> None:
+        self.path = storage.path(path)
+        self._source = pa.memory_map(str(self.path), "r") if self.path.is_local else self.path.open_input()
         self._reader = pa.ipc.open_file(self._source)
-        self.offsets = json.loads(self._reader.schema.metadata[PARTS_META])
+        metadata = self._reader.schema.metadata
+        self.offsets = json.loads(metadata[PARTS_META])
+        self._batches = json.loads(metadata[BATCHES_META]) if BATCHES_META in metadata else None
         self._table: pa.Table | None = None
 
     @property
     def n_parts(self) -> int:
         return len(self.offsets) - 1
+
+    @property
+    def schema(self) -> pa.Schema:
+        return self._reader.schema
 
     def table(self) -> pa.Table:
         if self._table is None:
@@ -259,15 +336,18 @@ class PartitionedFile:
         return self._table
 
     def part(self, p: int) -> pa.Table:
-        start, stop = self.offsets[p], self.offsets[p + 1]
-        return self.table().slice(start, stop - start)
+        if self._batches is None:  # a file written before partitions were whole batches
+            start, stop = self.offsets[p], self.offsets[p + 1]
+            return self.table().slice(start, stop - start)
+        batches = [self._reader.get_batch(b) for b in range(self._batches[p], self._batches[p + 1])]
+        return pa.Table.from_batches(batches, self._reader.schema)
 
     def close(self) -> None:
         self._table = None
         self._source.close()
 
 
-def read_partition(paths: Sequence[str | os.PathLike], p: int) -> pa.Table | None:
+def read_partition(paths: Sequence[Where], p: int) -> pa.Table | None:
     """Partition p of every file, concatenated (None when all are empty)."""
     parts = []
     for path in paths:
@@ -296,7 +376,7 @@ SEARCH_COLUMNS = ["key", "caption", "clip_score", "clip_image_embedding"]
 
 
 def _sample_shard(data_dir: str, shard_id: str, fraction: float, seed: int, out: str) -> int:
-    table = pq.read_table(shard_path(data_dir, shard_id), columns=["key", "clip_image_embedding"])
+    table = read_parquet(shard_path(data_dir, shard_id), columns=["key", "clip_image_embedding"])
     pick = sample_mask(table["key"], fraction, seed)
     sample = table.filter(pa.array(pick))
     atomic_write_parquet(out, sample)
@@ -312,8 +392,8 @@ def single_threaded_faiss() -> None:
 
 def _assign_shard(data_dir: str, shard_id: str, shard_index: int, folder: str, n_buckets: int, out: str) -> int:
     single_threaded_faiss()
-    quantizer = Quantizer.load(pathlib.Path(folder))
-    table = pq.read_table(shard_path(data_dir, shard_id), columns=SEARCH_COLUMNS)
+    quantizer = Quantizer.load(folder)
+    table = read_parquet(shard_path(data_dir, shard_id), columns=SEARCH_COLUMNS)
     emb = unit(embeddings_of(table["clip_image_embedding"]))
     lists, _ = quantizer.assign(emb, 1)
     home = lists[:, 0]
@@ -341,7 +421,7 @@ def _reduce_bucket(inputs: list[str], bucket: int, n_lists: int, n_buckets: int,
 
 def _empty_entries(any_input: str) -> pa.Table:
     f = PartitionedFile(any_input)
-    schema = f.table().schema.remove_metadata()
+    schema = f.schema.remove_metadata()
     f.close()
     return schema.empty_table()
 
@@ -355,15 +435,15 @@ def build_search_index(data_dir: str | os.PathLike, config: IvfConfig = IvfConfi
     from pipelines.ray_env import init_ray
     from pipelines.step import run_shards
 
-    data_dir = pathlib.Path(data_dir).expanduser().resolve()
+    data_dir = storage.path(data_dir)  # absolute: paths travel to Ray workers
     manifest = finished_manifest(data_dir, "curate or embed")
     shard_ids = shard_ids_of(manifest)
-    out = pathlib.Path(out_dir) if out_dir else data_dir / INDEX_DIR
+    out = storage.path(out_dir) if out_dir else data_dir / INDEX_DIR
     step = StepDir.open(out, "search_index", config, [manifest["key"]])
     if (done := step.manifest()) is not None:
         return done
     started = time.monotonic()
-    rows = {s: pq.ParquetFile(shard_path(data_dir, s)).metadata.num_rows for s in shard_ids}
+    rows = {s: parquet_file(shard_path(data_dir, s)).metadata.num_rows for s in shard_ids}
     n_rows = sum(rows.values())
     if n_rows == 0:
         raise ValueError(f"{data_dir} holds no rows to index")
@@ -372,7 +452,7 @@ def build_search_index(data_dir: str | os.PathLike, config: IvfConfig = IvfConfi
     work = out / "_work"
     fraction = config.sample_fraction(n_rows)
     n_lists = config.n_lists(n_rows)
-    dim = pq.read_schema(shard_path(data_dir, shard_ids[0])).field("clip_image_embedding").type.list_size
+    dim = read_parquet_schema(shard_path(data_dir, shard_ids[0])).field("clip_image_embedding").type.list_size
     if n_lists > 1:
         sampler = ray.remote(num_cpus=0.5)(_sample_shard)
         run_shards(sampler, {s: (str(data_dir), s, fraction, config.seed, str(work / f"sample_{s}.parquet"))
@@ -390,7 +470,7 @@ def build_search_index(data_dir: str | os.PathLike, config: IvfConfig = IvfConfi
                         for b in range(n_buckets)}, max_in_flight=4)
     for b in range(n_buckets):
         step.mark_done(f"{b:05d}", {"bucket": b})
-    _remove_tree(work)
+    remove_tree(work)
     meta = {"rows": n_rows, "lists": n_lists, "buckets": n_buckets, "dim": dim, "shard_ids": shard_ids,
             "clip": clip, "data_dir": str(data_dir), "config": dataclasses.asdict(config)}
     atomic_write_json(out / "index.json", meta)
@@ -399,25 +479,20 @@ def build_search_index(data_dir: str | os.PathLike, config: IvfConfig = IvfConfi
     return step.manifest()
 
 
-def _clip_meta(data_dir: pathlib.Path, shard_ids: Sequence[str]) -> dict[str, Any] | None:
-    stored = (pq.read_schema(shard_path(data_dir, shard_ids[0])).metadata or {}).get(b"clip")
+def _clip_meta(data_dir: StoragePath, shard_ids: Sequence[str]) -> dict[str, Any] | None:
+    stored = (read_parquet_schema(shard_path(data_dir, shard_ids[0])).metadata or {}).get(b"clip")
     return json.loads(stored) if stored else None
 
 
-def _remove_tree(folder: pathlib.Path) -> None:
-    import shutil
-
-    shutil.rmtree(folder, ignore_errors=True)
-
-
 class IvfIndex:
-    """A built search index, opened read-only: the quantizer in memory, the lists memory-mapped."""
+    """A built search index (local or on a store), opened read-only: the quantizer in memory, the lists
+    memory-mapped (local) or read list by list (store)."""
 
     def __init__(self, folder: str | os.PathLike) -> None:
-        self.folder = pathlib.Path(folder)
+        self.folder = storage.path(folder)
         if not (self.folder / "manifest.json").exists():
             raise FileNotFoundError(f"no finished search index in {self.folder}: build it with build_search_index")
-        self.meta = json.loads((self.folder / "index.json").read_text())
+        self.meta = (self.folder / "index.json").read_json()
         self.quantizer = Quantizer.load(self.folder)
         self._files: dict[int, PartitionedFile] = {}
 

@@ -29,16 +29,19 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from PIL import Image
 
-from pipelines.ann_index import IvfConfig
+from pipelines import storage
+from pipelines.ann_index import IvfConfig, load_npy, read_parquet, read_parquet_schema, remove_tree
 from pipelines.clip_model import Clip, ClipConfig, check_clip_source, decode_image
 from pipelines.select_stages import (DECISION_COLUMNS, FILTER_ORDER, INGEST_META_COLUMNS, KEEP, KEPT_COLUMNS,  # noqa: F401
                                      REJECT, SCORE_HIST_BINS, THUMB, PercentileCut, _Select, as_namespace,
                                      caption_reasons, funnel, merge_funnels, per_sample_decisions, shard_funnel)
 from pipelines.step import (ActorPoolConfig, StepDir, atomic_write_parquet, finished_manifest,
                             map_shards_on_actor_pool, shard_ids_of, shard_path)
+from pipelines.storage import StoragePath
+
+Where = str | pathlib.Path | StoragePath
 
 
 # -- configs --------------------------------------------------------------------------------------
@@ -252,9 +255,10 @@ class CurateConfig:
 
 
 # -- inputs ---------------------------------------------------------------------------------------
-def _absolute(path: str | pathlib.Path) -> pathlib.Path:
-    """Paths travel to Ray workers, whose working directory need not be the driver's."""
-    return pathlib.Path(path).expanduser().resolve()
+def _absolute(path: Where) -> StoragePath:
+    """A local path made absolute (paths travel to Ray workers, whose working directory need not be the
+    driver's), or an object-store URL."""
+    return storage.path(path)
 
 
 # -- pass 1: score --------------------------------------------------------------------------------
@@ -294,8 +298,8 @@ class ShardScorer:
             self.step.mark_done(shard_id, {"rows": table.num_rows, "scored": scored})
         return {"shard_id": batch["shard_id"]}
 
-    def score_shard(self, path: pathlib.Path) -> pa.Table:
-        rows = pq.read_table(path, columns=["key", "caption", "status", "image"]).to_pylist()
+    def score_shard(self, path: Where) -> pa.Table:
+        rows = read_parquet(path, columns=["key", "caption", "status", "image"]).to_pylist()
         n, dim = len(rows), self.unsafe_emb.shape[1]
         score = np.full(n, np.nan, np.float32)
         emb = np.zeros((n, dim), np.float32)
@@ -337,7 +341,7 @@ class ShardScorer:
         )
 
 
-def score(ingest_dir: str | pathlib.Path, score_dir: str | pathlib.Path, config: ScoreConfig,
+def score(ingest_dir: Where, score_dir: Where, config: ScoreConfig,
           pool: ActorPoolConfig = ActorPoolConfig()) -> dict[str, Any]:
     """Pass 1: CLIP-score every ingest shard into `score_dir/shards/`. Returns the step manifest."""
     ingest_dir, score_dir = _absolute(ingest_dir), _absolute(score_dir)
@@ -371,7 +375,7 @@ def _sub_step(job: _Select, name: str, shard_ids: Sequence[str], fn: Any, args: 
     return run_shards(fn, todo, max_in_flight=max_in_flight) if todo else {}
 
 
-def select(ingest_dir: str | pathlib.Path, score_dir: str | pathlib.Path, curate_dir: str | pathlib.Path,
+def select(ingest_dir: Where, score_dir: Where, curate_dir: Where,
            config: SelectConfig = SelectConfig(), *, search_index: IvfConfig | None = IvfConfig(),
            max_in_flight: int = 4) -> dict[str, Any]:
     """Pass 2: selection from stored scores (no CLIP), as Ray tasks over shards; the driver holds only
@@ -402,7 +406,7 @@ def select(ingest_dir: str | pathlib.Path, score_dir: str | pathlib.Path, curate
     shard_ids = shard_ids_of(ingest)
     heads = st._load_heads(config)  # a missing head file fails here, before any work
     if heads:
-        dim = pq.read_schema(shard_path(score_dir, shard_ids[0])).field("image_embedding").type.list_size
+        dim = read_parquet_schema(shard_path(score_dir, shard_ids[0])).field("image_embedding").type.list_size
         for head in heads.values():
             head.check_clip(scores["clip"], dim)
     head_keys = [file_digest(h.path) for h in heads.values()]
@@ -439,7 +443,7 @@ def select(ingest_dir: str | pathlib.Path, score_dir: str | pathlib.Path, curate
         n_lists = ivf.n_lists(alive)
         samples = [str(shard_path(job.stage("filter"), s, "sample")) for s in shard_ids
                    if filter_step.shard_stats(s)["sampled"]]
-        dim = pq.read_schema(job.scores(shard_ids[0])).field("image_embedding").type.list_size
+        dim = read_parquet_schema(job.scores(shard_ids[0])).field("image_embedding").type.list_size
         if not (job.stage("quantizer") / "centroids.npy").exists():
             from pipelines.ann_index import train_from_samples
 
@@ -447,7 +451,7 @@ def select(ingest_dir: str | pathlib.Path, score_dir: str | pathlib.Path, curate
             n_lists = timed("train", lambda: ray.get(trainer.remote(
                 samples if n_lists > 1 else [], "embedding", n_lists, ivf, dim, str(job.stage("quantizer")))))
         else:
-            n_lists = len(np.load(job.stage("quantizer") / "centroids.npy"))
+            n_lists = len(load_npy(job.stage("quantizer") / "centroids.npy"))
         n_buckets = min(n_lists, ivf.n_buckets(alive * min(near.nprobe, n_lists)))
     if use_exact and not use_near:
         n_buckets = ivf.n_buckets(alive)
@@ -468,7 +472,7 @@ def select(ingest_dir: str | pathlib.Path, score_dir: str | pathlib.Path, curate
     if percentile and any(decide_step.is_done(s) for s in shard_ids):
         # counts are returned, not stored: redo the stage so every shard's counts are in hand
         for s in shard_ids:
-            decide_step.done_path(s).unlink(missing_ok=True)
+            decide_step.done_path(s).remove()
     decided = timed("decide", lambda: _sub_step(job, "decide", shard_ids, remote(st._decide_shard), decide_args,
                                                 max_in_flight))
     cut = None
@@ -503,26 +507,24 @@ def select(ingest_dir: str | pathlib.Path, score_dir: str | pathlib.Path, curate
         "elapsed_s": round(time.monotonic() - started, 2),
     }
     step.finish(shard_ids, **summary)
-    import shutil
-
-    shutil.rmtree(job.work, ignore_errors=True)
+    remove_tree(job.work)
     if search_index is not None and summary["funnel"]["kept"] > 0:
         build_search_index(curate_dir, search_index)
     return step.manifest()  # as read back: JSON types, like a rerun returns
 
 
-def curate(ingest_dir: str | pathlib.Path, curate_dir: str | pathlib.Path, config: CurateConfig, *,
-           score_dir: str | pathlib.Path | None = None) -> dict[str, Any]:
+def curate(ingest_dir: Where, curate_dir: Where, config: CurateConfig, *,
+           score_dir: Where | None = None) -> dict[str, Any]:
     """Score (into `score_dir`, default `<curate_dir>/scores`) then select into `curate_dir`.
 
     To select again with other thresholds, call with a new `curate_dir` and the same `score_dir`.
     """
-    score_dir = pathlib.Path(curate_dir) / "scores" if score_dir is None else pathlib.Path(score_dir)
+    score_dir = storage.path(curate_dir) / "scores" if score_dir is None else storage.path(score_dir)
     score(ingest_dir, score_dir, config.score, config.pool)
     return select(ingest_dir, score_dir, curate_dir, config.select, search_index=config.search_index)
 
 
-def read_decisions(curate_dir: str | pathlib.Path) -> pa.Table:
+def read_decisions(curate_dir: Where) -> pa.Table:
     """All decision shards of a finished selection, concatenated."""
     manifest = finished_manifest(curate_dir, "curate")
-    return pa.concat_tables([pq.read_table(shard_path(curate_dir, s, "decisions")) for s in shard_ids_of(manifest)])
+    return pa.concat_tables([read_parquet(shard_path(curate_dir, s, "decisions")) for s in shard_ids_of(manifest)])

@@ -23,12 +23,16 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import torch
 
 from imagen_core.text_encoder import TextEncoderConfig
+from pipelines import storage
+from pipelines.ann_index import parquet_file, read_parquet
 from pipelines.step import ActorPoolConfig, finished_manifest, map_shards_on_actor_pool, shard_ids_of, shard_path
 from pipelines.step import StepDir, atomic_write_parquet
+from pipelines.storage import StoragePath
+
+Where = str | pathlib.Path | StoragePath
 
 EMBED_DIM_KEY = b"text_embed_dim"
 ENCODER_KEY = b"text_encoder"
@@ -77,7 +81,7 @@ class ShardEmbedder:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         for shard_id in batch["shard_id"]:
-            table = pq.read_table(shard_path(self.curate_dir, shard_id))
+            table = read_parquet(shard_path(self.curate_dir, shard_id))
             if table.num_rows:
                 # encode_batched groups captions by token count: little padding inside a forward pass.
                 counts, column = embeddings_column(self.encoder.encode_batched(table["caption"].to_pylist()))
@@ -95,9 +99,10 @@ class ShardEmbedder:
         return {"shard_id": batch["shard_id"]}
 
 
-def embed(curate_dir: str | pathlib.Path, embed_dir: str | pathlib.Path, config: EmbedConfig) -> dict[str, Any]:
-    """Embed every curated shard into `embed_dir/shards/`. Returns the step manifest."""
-    curate_dir, embed_dir = pathlib.Path(curate_dir).resolve(), pathlib.Path(embed_dir).resolve()  # sent to workers
+def embed(curate_dir: Where, embed_dir: Where, config: EmbedConfig) -> dict[str, Any]:
+    """Embed every curated shard into `embed_dir/shards/` (local paths or object-store URLs). Returns the
+    step manifest."""
+    curate_dir, embed_dir = storage.path(curate_dir), storage.path(embed_dir)  # absolute: sent to workers
     curated = finished_manifest(curate_dir, "curate")
     shard_ids = shard_ids_of(curated)
     step = StepDir.open(embed_dir, "embed", config.key(), [curated["key"]])
@@ -117,9 +122,9 @@ def embed(curate_dir: str | pathlib.Path, embed_dir: str | pathlib.Path, config:
     return step.manifest()  # as read back: JSON types, like a rerun returns
 
 
-def shard_files(path: str | pathlib.Path) -> list[pathlib.Path]:
-    """One shard file, or every shard of a finished step directory."""
-    path = pathlib.Path(path)
+def shard_files(path: Where) -> list[StoragePath]:
+    """One shard file, or every shard of a finished step directory (local or on a store)."""
+    path = storage.path(path)
     if path.is_file():
         return [path]
     return [shard_path(path, s) for s in shard_ids_of(finished_manifest(path, "embed"))]
@@ -131,10 +136,10 @@ def embed_dim_of(schema: pa.Schema) -> int:
     return int(schema.metadata[EMBED_DIM_KEY])
 
 
-def read_embeddings(path: str | pathlib.Path) -> Iterator[tuple[str, torch.Tensor]]:
+def read_embeddings(path: Where) -> Iterator[tuple[str, torch.Tensor]]:
     """(key, fp16 Tensor (n_tokens, D)) per row, row group by row group, in file order."""
     for file in shard_files(path):
-        parquet = pq.ParquetFile(file)
+        parquet = parquet_file(file)
         dim = embed_dim_of(parquet.schema_arrow)
         for group in range(parquet.num_row_groups):
             table = parquet.read_row_group(group, columns=["key", "n_tokens", "text_embedding"])
@@ -146,20 +151,21 @@ def read_embeddings(path: str | pathlib.Path) -> Iterator[tuple[str, torch.Tenso
                 yield key, values[start:start + n * dim].view(n, dim)
 
 
-def storage_stats(path: str | pathlib.Path, shard_ids: list[str] | None = None) -> dict[str, float]:
+def storage_stats(path: Where, shard_ids: list[str] | None = None) -> dict[str, float]:
     """Stored (compressed) bytes of the text embeddings per sample vs. padding to 128 tokens in fp16."""
     files = shard_files(path) if shard_ids is None else [shard_path(path, s) for s in shard_ids]
     rows = tokens = stored = 0
     dim = None
     for file in files:
-        meta = pq.ParquetFile(file).metadata
-        dim = embed_dim_of(pq.read_schema(file))
+        parquet = parquet_file(file)
+        meta = parquet.metadata
+        dim = embed_dim_of(parquet.schema_arrow)
         names = [meta.schema.column(i).path for i in range(meta.num_columns)]
         cols = [i for i, name in enumerate(names) if name.startswith(("text_embedding", "n_tokens"))]
         stored += sum(meta.row_group(g).column(i).total_compressed_size
                       for g in range(meta.num_row_groups) for i in cols)
         rows += meta.num_rows
-        tokens += pq.read_table(file, columns=["n_tokens"])["n_tokens"].to_numpy().sum()
+        tokens += parquet.read(columns=["n_tokens"])["n_tokens"].to_numpy().sum()
     padded = 128 * (dim or 0) * 2
     per_sample = stored / rows if rows else 0.0
     return {"rows": rows, "embed_dim": dim or 0, "mean_tokens": tokens / rows if rows else 0.0,

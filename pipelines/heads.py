@@ -34,6 +34,9 @@ from typing import Any, Literal
 
 import numpy as np
 
+from pipelines import storage
+from pipelines.storage import StoragePath
+
 ACTIVATIONS = ("none", "relu", "gelu")
 OUTPUTS = ("identity", "sigmoid")
 _LAYER = re.compile(r"^layers\.(\d+)\.(weight|bias)$")
@@ -100,20 +103,17 @@ def _activate(h: np.ndarray, activation: str) -> np.ndarray:
     return h
 
 
-def load_head(path: str | os.PathLike, what: str = "classifier") -> Head:
-    """Load a head file; a missing or malformed file is an error naming the file and what to do."""
-    from safetensors import SafetensorError, safe_open
-
-    path = pathlib.Path(path).expanduser()
+def load_head(path: str | os.PathLike | StoragePath, what: str = "classifier") -> Head:
+    """Load a head file (a local path or an object-store URL); a missing or malformed file is an error
+    naming the file and what to do."""
+    path = storage.path(path)
     if not path.is_file():
         raise HeadFileMissing(f"{what} head file {path} does not exist: give the path of a .safetensors head "
                               f"(pipelines/heads.py describes the format; save_head writes it), or disable the "
                               f"{what} filter")
     try:
-        with safe_open(str(path), framework="np") as f:
-            meta = f.metadata() or {}
-            tensors = {name: f.get_tensor(name) for name in f.keys()}
-    except (SafetensorError, OSError, ValueError) as exc:
+        meta, tensors = _read_safetensors(path)
+    except (OSError, ValueError) as exc:
         raise HeadFileInvalid(f"{what} head file {path} is not a readable safetensors file ({exc}); a torch "
                               "state dict converts with safetensors.torch.save_file(torch.load(p, "
                               "weights_only=True), out)") from exc
@@ -152,10 +152,29 @@ def load_head(path: str | os.PathLike, what: str = "classifier") -> Head:
                 normalize_input=normalize, clip=clip)
 
 
-def save_head(path: str | os.PathLike, weights: list[tuple[np.ndarray, np.ndarray]], *,
+def _read_safetensors(path: StoragePath) -> tuple[dict[str, str], dict[str, np.ndarray]]:
+    """(metadata, tensors) of a safetensors file; one on a store is read into memory (heads are small)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        if path.is_local:
+            with safe_open(str(path), framework="np") as f:
+                return f.metadata() or {}, {name: f.get_tensor(name) for name in f.keys()}
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            local = pathlib.Path(tmp) / "head.safetensors"
+            local.write_bytes(path.read_bytes())
+            with safe_open(str(local), framework="np") as f:
+                return f.metadata() or {}, {name: np.array(f.get_tensor(name)) for name in f.keys()}
+    except SafetensorError as exc:
+        raise ValueError(str(exc)) from exc
+
+
+def save_head(path: str | os.PathLike | StoragePath, weights: list[tuple[np.ndarray, np.ndarray]], *,
               activation: Literal["none", "relu", "gelu"] = "none",
               output: Literal["identity", "sigmoid"] = "identity", normalize_input: bool = True,
-              clip: dict[str, Any] | None = None) -> pathlib.Path:
+              clip: dict[str, Any] | None = None) -> StoragePath:
     """Write a head in the format `load_head` reads (atomically)."""
     from safetensors.numpy import save
 
@@ -168,18 +187,19 @@ def save_head(path: str | os.PathLike, weights: list[tuple[np.ndarray, np.ndarra
     meta = {"activation": activation, "output": output, "normalize_input": str(normalize_input).lower()}
     if clip is not None:
         meta["clip"] = json.dumps(clip, sort_keys=True)
-    path = pathlib.Path(path)
+    path = storage.path(path)
     atomic_write_bytes(path, save(tensors, metadata=meta))
     load_head(path)  # what was written must load
     return path
 
 
-def file_digest(path: str | os.PathLike) -> str:
+def file_digest(path: str | os.PathLike | StoragePath) -> str:
     """sha256 of a head file: part of the selection step's key, so new weights at the same path reselect."""
     import hashlib
 
+    where = storage.path(path)
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with where.fs.open_input_stream(where.fs_path) as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()

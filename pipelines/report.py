@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import os
 import pathlib
+import tempfile
 import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,12 +19,16 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFont
 
+from pipelines import storage
+from pipelines.ann_index import read_parquet
 from pipelines.curate import FILTER_ORDER, KEEP, read_decisions
 from pipelines.step import finished_manifest, shard_ids_of, shard_path
 from pipelines.step import atomic_write_bytes, atomic_write_json
+from pipelines.storage import StoragePath
+
+Where = str | os.PathLike | StoragePath
 
 
 # -- drawing --------------------------------------------------------------------------------------
@@ -68,15 +73,17 @@ def _thumbnail(data: bytes | None, size: int) -> Image.Image:
     return tile
 
 
-def save_png(image: Image.Image, path: pathlib.Path) -> pathlib.Path:
+def save_png(image: Image.Image, path: Where) -> StoragePath:
+    """The image as a PNG at `path` (a local path or an object-store URL), written whole."""
     buf = io.BytesIO()
     image.save(buf, format="PNG")
+    path = storage.path(path)
     atomic_write_bytes(path, buf.getvalue())
     return path
 
 
-def score_histogram(kept: np.ndarray, rejected: np.ndarray, path: pathlib.Path,
-                    threshold: float | None) -> pathlib.Path:
+def score_histogram(kept: np.ndarray, rejected: np.ndarray, path: Where,
+                    threshold: float | None) -> StoragePath:
     """Histogram of CLIP image-caption cosine, kept vs rejected (matplotlib, a dependency of mlflow)."""
     try:
         import matplotlib
@@ -98,16 +105,17 @@ def score_histogram(kept: np.ndarray, rejected: np.ndarray, path: pathlib.Path,
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     plt.close(fig)
+    path = storage.path(path)
     atomic_write_bytes(path, buf.getvalue())
     return path
 
 
 # -- the report -----------------------------------------------------------------------------------
-def _images_by_key(ingest_dir: pathlib.Path, shard_ids: Sequence[str], keys: set[str]) -> dict[str, bytes | None]:
+def _images_by_key(ingest_dir: StoragePath, shard_ids: Sequence[str], keys: set[str]) -> dict[str, bytes | None]:
     """Image bytes of `keys`, reading only the ingest shards' key and image columns."""
     found: dict[str, bytes | None] = {}
     for shard_id in shard_ids:
-        table = pq.read_table(shard_path(ingest_dir, shard_id), columns=["key", "image"])
+        table = read_parquet(shard_path(ingest_dir, shard_id), columns=["key", "image"])
         table = table.filter(pc.is_in(table["key"], value_set=pa.array(sorted(keys), pa.string())))
         found.update(zip(table["key"].to_pylist(), table["image"].to_pylist()))
     return found
@@ -132,12 +140,13 @@ def _cell(row: Any, image: bytes | None) -> Cell:
     return Cell(image, tuple(lines))
 
 
-def report(curate_dir: str | os.PathLike, *, ingest_dir: str | os.PathLike | None = None, examples: int = 16,
+def report(curate_dir: Where, *, ingest_dir: Where | None = None, examples: int = 16,
            tracking_uri: str | None = None, experiment: str = "curation") -> dict[str, Any]:
-    """Write the report next to the curated data; log it to MLflow when a tracking URI is set."""
-    curate_dir = pathlib.Path(curate_dir)
+    """Write the report next to the curated data (a local folder or an object-store prefix); log it to
+    MLflow when a tracking URI is set."""
+    curate_dir = storage.path(curate_dir)
     manifest = finished_manifest(curate_dir, "curate")
-    ingest_dir = pathlib.Path(ingest_dir or manifest["ingest_dir"])
+    ingest_dir = storage.path(ingest_dir or manifest["ingest_dir"])
     out = curate_dir / "report"
     decisions = read_decisions(curate_dir).to_pandas().sort_values("key", kind="stable")
     scores = decisions["clip_score"].astype(float)
@@ -183,7 +192,7 @@ def _score_stats(scores: Any, kept_mask: np.ndarray) -> dict[str, Any]:
     return {"kept": stats(scores[kept_mask]), "rejected": stats(scores[~kept_mask])}
 
 
-def log_to_mlflow(summary: dict[str, Any], report_dir: pathlib.Path, tracking_uri: str, experiment: str) -> str:
+def log_to_mlflow(summary: dict[str, Any], report_dir: Where, tracking_uri: str, experiment: str) -> str:
     """report.json + PNGs as artifacts under curation/, funnel counts as metrics; returns the run id.
 
     Logs into the active run when there is one (a pipeline run that curates then trains), else
@@ -202,9 +211,14 @@ def log_to_mlflow(summary: dict[str, Any], report_dir: pathlib.Path, tracking_ur
         return run.info.run_id
 
 
-def _log_report(mlflow: Any, summary: dict[str, Any], report_dir: pathlib.Path) -> None:
+def _log_report(mlflow: Any, summary: dict[str, Any], report_dir: Where) -> None:
     mlflow.log_dict(summary, "curation/report.json")
-    mlflow.log_artifacts(str(report_dir), "curation")
+    report_dir = storage.path(report_dir)
+    if report_dir.is_local:
+        mlflow.log_artifacts(str(report_dir), "curation")
+    else:  # mlflow uploads from a local folder
+        with tempfile.TemporaryDirectory() as tmp:
+            mlflow.log_artifacts(str(report_dir.download_to(pathlib.Path(tmp))), "curation")
     funnel = summary["funnel"]
     metrics = {"curation_input": funnel["input"], "curation_downloaded": funnel["downloaded"],
                "curation_kept": funnel["kept"]}

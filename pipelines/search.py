@@ -14,31 +14,33 @@ from __future__ import annotations
 import io
 import json
 import os
-import pathlib
 import re
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 from PIL import Image
 
-from pipelines.ann_index import INDEX_DIR, IvfConfig, IvfIndex, build_search_index
+from pipelines import storage
+from pipelines.ann_index import INDEX_DIR, IvfConfig, IvfIndex, build_search_index, parquet_file, read_parquet_schema
 from pipelines.clip_model import Clip, ClipConfig
 from pipelines.report import Cell, contact_sheet, save_png
 from pipelines.step import finished_manifest, shard_ids_of, shard_path
+from pipelines.storage import StoragePath
+
+Where = str | os.PathLike | StoragePath
 
 
 @dataclass(frozen=True)
 class SearchResult:
     table: pa.Table
     """rank, key, caption, similarity (query-image cosine), clip_score (image-caption cosine)."""
-    contact_sheet: pathlib.Path
-    """PNG grid of the hits, best first."""
+    contact_sheet: StoragePath
+    """PNG grid of the hits, best first (a local path or an object-store URL)."""
 
 
-def _check_same_clip(stored: bytes | None, clip: ClipConfig, shard: pathlib.Path) -> None:
+def _check_same_clip(stored: bytes | None, clip: ClipConfig, shard: StoragePath) -> None:
     if stored is None:
         raise ValueError(f"{shard} has no CLIP record in its metadata: not a curate/embed shard")
     made_by = json.loads(stored)
@@ -48,14 +50,14 @@ def _check_same_clip(stored: bytes | None, clip: ClipConfig, shard: pathlib.Path
                          "Search with the CLIP that curated the data (its ScoreConfig.clip).")
 
 
-def _query_image(image: str | os.PathLike | bytes | Image.Image) -> tuple[Image.Image, str]:
+def _query_image(image: Where | bytes | Image.Image) -> tuple[Image.Image, str]:
     """An image query -> (RGB image, a name for the sheet's title and file)."""
     if isinstance(image, Image.Image):
         return image.convert("RGB"), "image"
     if isinstance(image, bytes):
         data, name = image, "image"
     else:
-        path = pathlib.Path(image).expanduser()
+        path = storage.path(image)
         if not path.is_file():
             raise FileNotFoundError(f"query image {path} does not exist")
         data, name = path.read_bytes(), path.name
@@ -66,16 +68,16 @@ def _query_image(image: str | os.PathLike | bytes | Image.Image) -> tuple[Image.
         raise ValueError(f"query image {name} is not a readable image: {exc}") from exc
 
 
-def open_index(data_dir: str | os.PathLike, config: IvfConfig = IvfConfig()) -> IvfIndex:
+def open_index(data_dir: Where, config: IvfConfig = IvfConfig()) -> IvfIndex:
     """The data directory's search index, built first if it has none (Ray tasks over its shards)."""
-    data_dir = pathlib.Path(data_dir)
+    data_dir = storage.path(data_dir)
     if not (data_dir / INDEX_DIR / "manifest.json").exists():
         build_search_index(data_dir, config)
     return IvfIndex(data_dir / INDEX_DIR)
 
 
-def search(data_dir: str | os.PathLike, query: str | None = None, *, clip: ClipConfig | Clip, k: int = 20,
-           out_png: str | os.PathLike | None = None, image: str | os.PathLike | bytes | Image.Image | None = None,
+def search(data_dir: Where, query: str | None = None, *, clip: ClipConfig | Clip, k: int = 20,
+           out_png: Where | None = None, image: Where | bytes | Image.Image | None = None,
            nprobe: int = 16) -> SearchResult:
     """The k curated images nearest to `query` (text) or to `image` (a file, bytes or PIL image), as a
     table and a contact sheet PNG (default `<data_dir>/search/<query>.png`). `nprobe` lists of the
@@ -86,11 +88,11 @@ def search(data_dir: str | os.PathLike, query: str | None = None, *, clip: ClipC
         raise ValueError(f"nprobe must be >= 1, got {nprobe}")
     if (query is None) == (image is None):
         raise ValueError("give exactly one of a text query or an image query")
-    data_dir = pathlib.Path(data_dir)
+    data_dir = storage.path(data_dir)
     shard_ids = shard_ids_of(finished_manifest(data_dir, "curate or embed"))
     model = clip if isinstance(clip, Clip) else Clip(clip)
     first = shard_path(data_dir, shard_ids[0])
-    _check_same_clip((pq.read_schema(first).metadata or {}).get(b"clip"), model.config, first)
+    _check_same_clip((read_parquet_schema(first).metadata or {}).get(b"clip"), model.config, first)
     if query is not None:
         vector, title, name = model.encode_texts([query]).numpy(), f"query: {query}", _slug(query)
     else:
@@ -117,19 +119,19 @@ def search(data_dir: str | os.PathLike, query: str | None = None, *, clip: ClipC
     images = _images(data_dir, locations)
     cells = [Cell(img, (f"#{r} sim {s:.3f}", c or "")) for r, img, s, c in
              zip(range(1, hits.num_rows + 1), images, sims, result["caption"].to_pylist())]
-    png = pathlib.Path(out_png) if out_png else data_dir / "search" / f"{name}.png"
+    png = storage.path(out_png) if out_png else data_dir / "search" / f"{name}.png"
     save_png(contact_sheet(cells, title=title), png)
     return SearchResult(table=result, contact_sheet=png)
 
 
-def _images(data_dir: pathlib.Path, locations: list[tuple[str, int]]) -> list[bytes | None]:
+def _images(data_dir: StoragePath, locations: list[tuple[str, int]]) -> list[bytes | None]:
     """Image bytes of (shard, row) hits, reading only the row groups that hold them."""
     found: dict[tuple[str, int], Any] = {}
     by_shard: dict[str, list[int]] = {}
     for shard_id, row in locations:
         by_shard.setdefault(shard_id, []).append(row)
     for shard_id, rows in by_shard.items():
-        parquet = pq.ParquetFile(shard_path(data_dir, shard_id))
+        parquet = parquet_file(shard_path(data_dir, shard_id))
         starts = np.cumsum([0] + [parquet.metadata.row_group(g).num_rows for g in range(parquet.num_row_groups)])
         for group in sorted({int(np.searchsorted(starts, r, side="right") - 1) for r in rows}):
             column = parquet.read_row_group(group, columns=["image"])["image"]

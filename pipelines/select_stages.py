@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import pathlib
 import types
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,9 +23,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
+from pipelines import storage
 from pipelines.step import StepDir, atomic_write_parquet, shard_path
+from pipelines.storage import StoragePath
 
 if TYPE_CHECKING:
     from pipelines.curate import CaptionFilter, NearDupFilter, SelectConfig
@@ -76,20 +76,27 @@ class _Select:
     clip: dict[str, Any]
 
     @property
-    def work(self) -> pathlib.Path:
-        return pathlib.Path(self.curate_dir) / WORK
+    def work(self) -> StoragePath:
+        """Under the curate directory (on the store when it is a URL): tasks on every node read what others wrote."""
+        return storage.path(self.curate_dir) / WORK
 
-    def ingest(self, shard: str) -> pathlib.Path:
+    def ingest(self, shard: str) -> StoragePath:
         return shard_path(self.ingest_dir, shard)
 
-    def scores(self, shard: str) -> pathlib.Path:
+    def scores(self, shard: str) -> StoragePath:
         return shard_path(self.score_dir, shard)
 
-    def stage(self, name: str) -> pathlib.Path:
+    def stage(self, name: str) -> StoragePath:
         return self.work / name
 
 
 # -- per-sample filters, vectorised -----------------------------------------------------------------
+def _read(path: str | StoragePath, columns: Sequence[str] | None = None) -> pa.Table:
+    from pipelines.ann_index import read_parquet
+
+    return read_parquet(path, columns)
+
+
 def _np(column: pa.ChunkedArray | pa.Array, fill: Any = np.nan, dtype: Any = np.float64) -> np.ndarray:
     arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
     return pc.fill_null(arr.cast(pa.float64()), fill).to_numpy(zero_copy_only=False).astype(dtype)
@@ -246,8 +253,8 @@ def _load_heads(config: SelectConfig) -> dict[str, Any]:
 
 
 def _read_joined(job: _Select, shard_id: str, score_columns: Sequence[str]) -> pa.Table:
-    meta = pq.read_table(job.ingest(shard_id), columns=list(INGEST_META_COLUMNS))
-    scores = pq.read_table(job.scores(shard_id), columns=["key", *score_columns])
+    meta = _read(job.ingest(shard_id), columns=list(INGEST_META_COLUMNS))
+    scores = _read(job.scores(shard_id), columns=["key", *score_columns])
     if meta.num_rows != scores.num_rows or not pc.all(pc.equal(meta["key"], scores["key"])).as_py() in (True, None):
         raise RuntimeError(f"score shard {shard_id} does not match its ingest shard: rerun scoring into a fresh "
                            "directory")
@@ -306,7 +313,7 @@ def _assign_shard(job: _Select, shard_id: str, shard_index: int, n_buckets: int,
     from pipelines.ann_index import Quantizer, embeddings_of, single_threaded_faiss, string_hash, unit, write_partitioned
 
     step = StepDir(root=job.stage("assign"), name="curate_select_assign", key="")
-    decided = pq.read_table(shard_path(job.stage("filter"), shard_id), columns=["key", "sha256", "alive"])
+    decided = _read(shard_path(job.stage("filter"), shard_id), columns=["key", "sha256", "alive"])
     alive = np.asarray(decided["alive"]).astype(bool)
     rows = np.flatnonzero(alive).astype(np.int32)
     keys = decided["key"].take(pa.array(rows))
@@ -320,7 +327,7 @@ def _assign_shard(job: _Select, shard_id: str, shard_index: int, n_buckets: int,
         write_partitioned(job.stage("assign") / "exact" / f"{shard_id}.arrow", exact,
                           (string_hash(exact["sha"]) % np.uint64(n_buckets)).astype(np.int64), n_buckets)
     if use_near:
-        scores = pq.read_table(job.scores(shard_id), columns=["image_embedding", "thumbnail"])
+        scores = _read(job.scores(shard_id), columns=["image_embedding", "thumbnail"])
         emb16 = scores["image_embedding"].take(pa.array(rows))
         emb = unit(embeddings_of(emb16))
         single_threaded_faiss()
@@ -425,7 +432,7 @@ def _export_shard(job: _Select, shard_id: str, shard_index: int, n_buckets: int)
     step = StepDir(root=job.stage("export"), name="curate_select_export", key="")
     wanted = read_partition([job.stage("dedup") / "by_a" / f"{b:05d}.arrow" for b in range(n_buckets)], shard_index)
     rows = np.unique(np.asarray(wanted["a_row"], np.int64)) if wanted is not None else np.zeros(0, np.int64)
-    images = pq.read_table(job.ingest(shard_id), columns=["image"])["image"].take(pa.array(rows)) if len(rows) \
+    images = _read(job.ingest(shard_id), columns=["image"])["image"].take(pa.array(rows)) if len(rows) \
         else pa.array([], pa.binary())
     prints = fingerprints(images.to_pylist())
     side = prints.shape[1]
@@ -447,7 +454,7 @@ def _decide_shard(job: _Select, shard_id: str, shard_index: int, n_buckets: int,
     from pipelines.sketches import hi_counts
 
     step = StepDir(root=job.stage("decide"), name="curate_select_decide", key="")
-    table = pq.read_table(shard_path(job.stage("filter"), shard_id))
+    table = _read(shard_path(job.stage("filter"), shard_id))
     n = table.num_rows
     filt = _strings(table["filter"])
     reason = _strings(table["reason"])
@@ -526,13 +533,13 @@ def _changed_pixels_of(job: _Select, shard_id: str, pairs: pa.Table, cfg: NearDu
     side = COMPARE_SIDE
     b_rows = np.asarray(pairs["b_row"], np.int64)
     uniq, inverse = np.unique(b_rows, return_inverse=True)
-    images = pq.read_table(job.ingest(shard_id), columns=["image"])["image"].take(pa.array(uniq))
+    images = _read(job.ingest(shard_id), columns=["image"])["image"].take(pa.array(uniq))
     fb = fingerprints(images.to_pylist())[inverse]
     fa = np.zeros((pairs.num_rows, side, side, 3), np.uint8)
     a_shard = np.asarray(pairs["a_shard"], np.int64)
     a_row = np.asarray(pairs["a_row"], np.int64)
     for s in np.unique(a_shard):  # the shards holding originals
-        exported = pq.read_table(shard_path(job.stage("export"), job.shard_ids[s]))
+        exported = _read(shard_path(job.stage("export"), job.shard_ids[s]))
         ex_rows = np.asarray(exported["row"], np.int64)
         pixels = exported["pixels"].combine_chunks()
         raw = np.frombuffer(pixels.buffers()[1], np.uint8)[pixels.offset * side * side * 3:]
@@ -544,7 +551,7 @@ def _changed_pixels_of(job: _Select, shard_id: str, pairs: pa.Table, cfg: NearDu
 
 # -- the CLIP-score percentile, exactly, from per-shard counts ------------------------------------------
 def _survivor_scores(job: _Select, shard_id: str) -> tuple[np.ndarray, pa.Array]:
-    table = pq.read_table(shard_path(job.stage("decide"), shard_id), columns=["key", "clip_score", "survivor"])
+    table = _read(shard_path(job.stage("decide"), shard_id), columns=["key", "clip_score", "survivor"])
     table = table.filter(table["survivor"])
     return _np(table["clip_score"]).astype(np.float32), table["key"]
 
@@ -611,7 +618,7 @@ def _write_shard(job: _Select, step: StepDir, shard_id: str, cut: PercentileCut 
     (`shards/<id>.parquet`); the done record carries the shard's funnel counts and score histograms."""
     from pipelines.sketches import FixedHistogram
 
-    table = pq.read_table(shard_path(job.stage("decide"), shard_id))
+    table = _read(shard_path(job.stage("decide"), shard_id))
     n = table.num_rows
     survivor = np.asarray(table["survivor"]).astype(bool)
     score = _np(table["clip_score"])
@@ -643,8 +650,8 @@ def _write_shard(job: _Select, step: StepDir, shard_id: str, cut: PercentileCut 
     decisions = table.select(list(DECISION_COLUMNS)).cast(_decision_schema())
     atomic_write_parquet(shard_path(step.root, shard_id, "decisions"), decisions)
     kept_rows = pa.array(np.flatnonzero(keep))
-    rows = pq.read_table(job.ingest(shard_id), columns=list(KEPT_COLUMNS)).take(kept_rows)
-    emb = pq.read_table(job.scores(shard_id), columns=["image_embedding"])["image_embedding"].take(kept_rows)
+    rows = _read(job.ingest(shard_id), columns=list(KEPT_COLUMNS)).take(kept_rows)
+    emb = _read(job.scores(shard_id), columns=["image_embedding"])["image_embedding"].take(kept_rows)
     rows = rows.append_column("clip_score", decisions["clip_score"].take(kept_rows))
     rows = rows.append_column("clip_image_embedding", emb)
     rows = rows.replace_schema_metadata({"clip": json.dumps(job.clip)})

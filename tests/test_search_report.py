@@ -52,7 +52,7 @@ def test_search_ranks_the_image_of_a_caption_first(curated, clip_config):
     assert sum(r is not None and r <= 3 for r in ranks) >= 6
     sims = result.table["similarity"].to_pylist()
     assert sims == sorted(sims, reverse=True) and result.table.num_rows == 10
-    with Image.open(result.contact_sheet) as sheet:
+    with Image.open(result.contact_sheet.local) as sheet:
         assert sheet.width > 8 * 96 and sheet.height > 2 * 96  # 10 cells: two rows of eight
 
 
