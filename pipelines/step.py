@@ -63,7 +63,7 @@ class StepKeyMismatch(RuntimeError):
 
     def __init__(self, message: str, root: str | os.PathLike) -> None:
         super().__init__(message)
-        self.root = os.fspath(root)
+        self.root = str(root)
 
     def __reduce__(self) -> tuple[Any, ...]:  # keeps `root` across Ray's pickling of task errors
         return type(self), (self.args[0], self.root)
