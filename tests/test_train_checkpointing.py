@@ -5,7 +5,7 @@ import json
 import shutil
 
 from pipelines.train.checkpointing import TrainState, verify, write_manifest
-from pipelines.train.ledger import Ledger, read_ledger
+from pipelines.train.ledger import Ledger, ledger_steps, read_ledger
 
 
 def _rank_dir(root, rank: int):
@@ -67,6 +67,7 @@ def test_ledger_keeps_the_last_entry_per_step(tmp_path) -> None:
     for step, keys in [(1, ["a"]), (2, ["b"]), (2, ["c"])]:  # step 2 redone after a restart
         ledger.append({"rank": 0, "step": step, "keys": [keys], "loss": [1.0]})
     ledger.close()
+    assert ledger_steps(tmp_path, 0) == 3 and ledger_steps(tmp_path, 1) == 0  # lines: a redone step counts again
     with open(tmp_path / "ledger" / "rank0.jsonl", "a") as f:
         f.write('{"rank": 0, "step": 3, "ke')  # torn by a kill -9
     entries = read_ledger(tmp_path)

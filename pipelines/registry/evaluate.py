@@ -30,6 +30,8 @@ from imagen_core.text_encoder import TextEncoder, build_text_encoder
 from pipelines.clip_model import Clip, ClipConfig
 from pipelines.registry.colour import colour_accuracy, prompt_colours
 from pipelines.registry.fid import FidConfig, InceptionUnavailable, fid
+from pipelines import storage
+from pipelines.registry.images import decode_png as decode_image_bytes
 from pipelines.registry.images import read_image, to_pil
 from pipelines.registry.loading import ModelRef, load_registered_stage, stage_model_name
 from pipelines.registry.metrics import METRIC_TAG_PREFIX, RUN_METRIC_PREFIX
@@ -54,7 +56,10 @@ class HeldOut:
 
 
 def load_heldout(directory: str | pathlib.Path, size: int, limit: int) -> HeldOut:
-    """Up to `limit` image files with same-named .txt captions (img2dataset's "files" layout), sorted by path."""
+    """Up to `limit` image files with same-named .txt captions (img2dataset's "files" layout), sorted by path.
+    `directory` may be an object-store URL (s3://bucket/heldout): one listing, then each pair is read."""
+    if "://" in str(directory):
+        return _load_heldout_from_store(storage.path(directory), size, limit)
     directory = pathlib.Path(directory)
     pairs = [(p, p.with_suffix(".txt")) for p in sorted(directory.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES]
     pairs = [(image, caption) for image, caption in pairs if caption.is_file()][:limit]
@@ -64,12 +69,31 @@ def load_heldout(directory: str | pathlib.Path, size: int, limit: int) -> HeldOu
     return HeldOut(images=images, captions=tuple(caption.read_text().strip() for _, caption in pairs))
 
 
+def _load_heldout_from_store(directory: storage.StoragePath, size: int, limit: int) -> HeldOut:
+    files = directory.files(recursive=True)
+    names = {f.relative_to(directory) for f in files}
+    pairs = []
+    for image in files:  # sorted by URI, as the local branch sorts by path
+        if image.suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        relative = image.relative_to(directory)
+        caption = relative[: len(relative) - len(image.suffix)] + ".txt"
+        if caption in names:
+            pairs.append((image, directory / caption))
+    pairs = pairs[:limit]
+    if not pairs:
+        raise ValueError(f"no held-out pairs in {directory}: expected <key>.png|jpg with a <key>.txt caption beside it")
+    images = torch.cat([decode_image_bytes(image.read_bytes(), size) for image, _ in pairs])
+    return HeldOut(images=images, captions=tuple(caption.read_text().strip() for _, caption in pairs))
+
+
 @dataclasses.dataclass(kw_only=True, frozen=True)
 class EvalConfig:
     """What to measure and on what."""
 
     heldout_dir: str | None = None
-    """Held-out images + captions (img2dataset "files" layout); needed for recomputed val_loss, FID, SR samples."""
+    """Held-out images + captions (img2dataset "files" layout), a local folder or an object-store URL; needed for
+    recomputed val_loss, FID, SR samples."""
     max_heldout: int = 64
     """At most this many held-out pairs are read."""
     prompts: tuple[str, ...] = ()

@@ -188,7 +188,8 @@ def load_stages(
 
     - "models:/<name>@<alias>" or "models:/<name>/<version>" of a cascade model: its stages, each by its alias now;
     - the same for a single stage model (`<name>-base@champion`): that stage;
-    - one or more local checkpoint directories, base first.
+    - one or more checkpoint directories (local, or object-store URLs such as a trainer's s3://.../export), base
+      first.
 
     `dtype` is the weights' dtype (checkpoints hold fp32; bf16 halves memory and time on GPU). The samplers stay
     fp32 either way: each U-Net casts its inputs to its weights' dtype.
@@ -218,7 +219,9 @@ def _load_stages(
     directories = [source] if isinstance(source, (str, os.PathLike)) else list(source)
     if not directories:
         raise ValueError("give a models:/ URI or at least one checkpoint directory")
-    return [load_stage(d, device=device) for d in directories], [str(pathlib.Path(d)) for d in directories], {}
+    # A directory may be an object-store URL (an export at s3://...): load_stage downloads its stage files first.
+    sources = [str(d) if "://" in str(d) else str(pathlib.Path(d)) for d in directories]
+    return [load_stage(d, device=device) for d in directories], sources, {}
 
 
 def load_cascade(

@@ -23,9 +23,9 @@ from typing import Any
 
 import mlflow
 
-from imagen_core.checkpoint import read_manifest
 from imagen_core.stage import StageConfig
-from pipelines.registry.checkpoints import copy_stage_files, weights_sha256
+from pipelines import storage
+from pipelines.registry.checkpoints import copy_stage_files, local_stage_files, read_manifest, weights_sha256
 from pipelines.registry.loading import (
     CHECKPOINT_ARTIFACT,
     KIND_TAG,
@@ -59,7 +59,7 @@ class RegisterConfig:
     training_run_id: str | None = None
     """The stage's training run: the model is logged into it, its `val_loss` becomes the version's `train_val_loss`."""
     dataset_manifest: str | None = None
-    """The training data's step manifest (manifest.json); its sha256 is recorded."""
+    """The training data's step manifest (manifest.json, local or a URL); its sha256 is recorded."""
     git_commit: str | None = None
     """Commit of the code that trained the stage; None: `current_git_commit()` ($IMAGEN_GIT_COMMIT, the installed
     package's record, or this checkout's HEAD with "-dirty" if modified)."""
@@ -69,7 +69,7 @@ class RegisterConfig:
     """Device the pyfunc model loads onto (mlflow.pyfunc.load_model(..., model_config={"device": ...}) overrides)."""
 
     def __post_init__(self) -> None:
-        if self.dataset_manifest is not None and not pathlib.Path(self.dataset_manifest).is_file():
+        if self.dataset_manifest is not None and not storage.path(self.dataset_manifest).is_file():
             raise ValueError(f"RegisterConfig.dataset_manifest: no file at {self.dataset_manifest}")
 
 
@@ -137,8 +137,10 @@ def _package_commit() -> str | None:
     return None
 
 
-def file_sha256(path: str | pathlib.Path) -> str:
-    return hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()
+def file_sha256(path: str | os.PathLike | storage.StoragePath) -> str:
+    """sha256 of a local file or an object (a URL)."""
+    where = storage.path(path)
+    return hashlib.sha256(where.local.read_bytes() if where.is_local else where.read_bytes()).hexdigest()
 
 
 def config_hash(config: dict[str, Any]) -> str:
@@ -177,7 +179,7 @@ def _training_metrics(config: RegisterConfig) -> dict[str, float]:
 
 
 def _provenance_tags(
-    checkpoint_dir: pathlib.Path, stage_config: dict[str, Any], config: RegisterConfig
+    checkpoint_dir: str | os.PathLike | storage.StoragePath, stage_config: dict[str, Any], config: RegisterConfig
 ) -> dict[str, str]:
     metrics = {**_training_metrics(config), **dict(config.metrics)}
     return {
@@ -199,14 +201,19 @@ def registered_version(client: Any, model_name: str, tag: str, value: str) -> st
     return str(min(int(v.version) for v in versions)) if versions else None
 
 
-def register_stage(checkpoint_dir: str | pathlib.Path, name: str, config: RegisterConfig = RegisterConfig()) -> str:
+def register_stage(checkpoint_dir: str | os.PathLike | storage.StoragePath, name: str,
+                   config: RegisterConfig = RegisterConfig()) -> str:
     """Log and register a stage checkpoint as `<name>-<stage>`, aliased `challenger`; returns its version.
+
+    `checkpoint_dir` is a local folder or an object-store URL (a trainer's export at s3://.../export, as
+    `TrainResult.export_dir` gives it): from a URL only config.json is read until the version is known to be
+    new, then the stage's files (not train.safetensors) are downloaded to a temporary folder and logged from there.
 
     Idempotent: weights already registered under this name (the same `weights_sha256`) return that version and
     add none, so a pipeline killed mid-registration and rerun does not duplicate versions. The version is created
     with its provenance tags in one call, so no version exists without its weights tag.
     """
-    checkpoint_dir = pathlib.Path(checkpoint_dir)
+    checkpoint_dir = storage.path(checkpoint_dir)
     stage_config = read_manifest(checkpoint_dir)["config"]
     stage = StageConfig.from_dict(stage_config)  # refuse a checkpoint that is not a stage before logging anything
     model_name = stage_model_name(name, stage.name)
@@ -215,8 +222,8 @@ def register_stage(checkpoint_dir: str | pathlib.Path, name: str, config: Regist
     existing = registered_version(client, model_name, WEIGHTS_SHA_TAG, tags[WEIGHTS_SHA_TAG])
     if existing is not None:
         return existing
-    with tempfile.TemporaryDirectory(prefix="register_") as tmp:
-        staged = copy_stage_files(checkpoint_dir, pathlib.Path(tmp) / CHECKPOINT_ARTIFACT)
+    with tempfile.TemporaryDirectory(prefix="register_") as tmp, local_stage_files(checkpoint_dir) as source:
+        staged = copy_stage_files(source, pathlib.Path(tmp) / CHECKPOINT_ARTIFACT)
         with _start_run(config, f"register-{model_name}"), _quiet_log_model():
             info = mlflow.pyfunc.log_model(
                 name=stage.name,

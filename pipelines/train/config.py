@@ -52,7 +52,8 @@ class DataConfig:
     """The embed step's Parquet, streamed by Ray Data into the workers."""
 
     paths: tuple[str, ...]
-    """Parquet files or directories written by the embed step (key, caption, image, n_tokens, text_embedding)."""
+    """Parquet files or directories written by the embed step (key, caption, image, n_tokens, text_embedding),
+    local or object-store URLs (s3://bucket/prefix)."""
     val_fraction: float = 0.02
     """Fraction of keys held out for the validation loss and sample grids, chosen by a hash of the key
     (stable across runs, stages and machines)."""
@@ -250,7 +251,9 @@ class TrainConfig:
     """The stage to train; stored with every export. In a config file: a recipe name (`stage = "paper_base_2b"`),
     a table with `recipe` and fields to override, or a whole StageConfig table."""
     output_dir: str
-    """Local (or shared POSIX) directory for the resolved configs, the export, the ledger and worker status."""
+    """Directory for the resolved configs, the export, the ledger and worker status: a local (or shared POSIX)
+    path or an object-store URL (s3://bucket/prefix; then give tracking.tracking_uri, an MLflow sqlite file
+    cannot live in a bucket)."""
     run_name: str
     """Name of the run in Ray Train storage; the same name with resume=True continues it."""
     total_steps: int
@@ -323,11 +326,20 @@ class TrainConfig:
 
     @property
     def storage_path(self) -> str:
-        return self.checkpoint.storage_path or str(Path(self.output_dir) / "ray")
+        if self.checkpoint.storage_path:
+            return self.checkpoint.storage_path
+        return f"{self.output_dir.rstrip('/')}/ray" if "://" in self.output_dir else str(Path(self.output_dir) / "ray")
 
     @property
     def tracking_uri(self) -> str:
-        return self.tracking.tracking_uri or f"sqlite:///{Path(self.output_dir).resolve() / 'mlflow.db'}"
+        if self.tracking.tracking_uri:
+            return self.tracking.tracking_uri
+        if "://" in self.output_dir:
+            raise ValueError(
+                f"TrainConfig.output_dir {self.output_dir} is an object-store URL: give tracking.tracking_uri "
+                "(an MLflow server, or sqlite:///<local path>); the default sqlite:///<output_dir>/mlflow.db needs "
+                "a local output_dir")
+        return f"sqlite:///{Path(self.output_dir).resolve() / 'mlflow.db'}"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

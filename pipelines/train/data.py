@@ -22,13 +22,13 @@ import dataclasses
 import hashlib
 import io
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
 from ray.data.collate_fn import NumpyBatchCollateFn
 
+from pipelines import storage
 from pipelines.train.config import DataConfig
 
 Split = Literal["train", "val"]
@@ -38,36 +38,61 @@ COLUMNS = ("key", "caption", "image", "n_tokens", "text_embedding")
 
 def parquet_files(paths: tuple[str, ...]) -> list[str]:
     """Training files: a finished embed step directory gives its manifest's shards (never a half-written
-    run's), a file is itself, any other directory gives its *.parquet files (sorted, hidden ones skipped)."""
-    from pipelines.embed import shard_files
+    run's), a file is itself, any other directory gives its *.parquet files (sorted, hidden ones skipped).
+    Paths may be local or object-store URLs (s3://bucket/prefix); the files come back as what Ray Data and
+    pyarrow read directly (absolute local paths or URLs)."""
+    from pipelines.step import MANIFEST, finished_manifest, shard_ids_of, shard_path
 
     files: list[str] = []
     for entry in paths:
-        path = Path(entry)
-        if path.is_dir() and (path / "manifest.json").exists():
-            files.extend(str(p) for p in shard_files(path))
-        elif path.is_dir():
-            found = sorted(p for p in path.rglob("*.parquet") if not p.name.startswith((".", "_")))
-            files.extend(str(p) for p in found)
-        elif path.is_file():
-            files.append(str(path))
+        where = storage.path(entry)
+        if where.is_local:  # the local disk as before: no pyarrow listing of a big folder
+            path = where.local
+            if path.is_dir() and (path / MANIFEST).exists():
+                manifest = finished_manifest(where, "embed")
+                files.extend(str(shard_path(where, s)) for s in shard_ids_of(manifest))
+            elif path.is_dir():
+                found = sorted(p for p in path.rglob("*.parquet") if not p.name.startswith((".", "_")))
+                files.extend(str(p) for p in found)
+            elif path.is_file():
+                files.append(str(path))
+            else:
+                raise FileNotFoundError(f"training data path {entry} does not exist (give the embed step's output)")
+            continue
+        if (where / MANIFEST).is_file():
+            files.extend(str(shard_path(where, s)) for s in shard_ids_of(finished_manifest(where, "embed")))
+        elif where.is_file():
+            files.append(str(where))
         else:
-            raise FileNotFoundError(f"training data path {entry} does not exist (give the embed step's output)")
+            # One listing of the prefix; an object store has no empty folders, so nothing listed is "absent".
+            found = [f for f in where.files("*.parquet", recursive=True)
+                     if not f.name.startswith((".", "_"))]
+            if not found and not where.is_dir():
+                raise FileNotFoundError(f"training data path {entry} does not exist (give the embed step's output)")
+            files.extend(str(f) for f in found)
     if not files:
         raise FileNotFoundError(f"no .parquet files under {list(paths)}: run the embed step first")
     return files
 
 
+def read_schema(file: str) -> Any:
+    """The Arrow schema of one Parquet file, local or in an object store (the footer only)."""
+    import pyarrow.parquet as pq
+
+    where = storage.path(file)
+    if where.is_local:
+        return pq.read_schema(str(where))
+    return pq.read_schema(where.fs_path, filesystem=where.fs)
+
+
 def text_embed_dim(files: list[str]) -> int:
     """D from the schema metadata (the embed step's contract), checked to agree across files and to come
     with the columns training reads."""
-    import pyarrow.parquet as pq
-
     from pipelines.embed import embed_dim_of
 
     dims = set()
     for file in files:
-        schema = pq.read_schema(file)
+        schema = read_schema(file)
         missing = [c for c in COLUMNS if c not in schema.names]
         if missing:
             raise ValueError(f"{file} lacks column(s) {missing}: not the embed step's output (has {schema.names})")

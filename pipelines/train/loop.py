@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from pipelines import storage
+from pipelines.storage import StoragePath
 from pipelines.train import checkpointing
 from pipelines.train.checkpointing import TrainState
 from pipelines.train.config import TrainConfig
@@ -93,7 +95,7 @@ class Trainer:
     def __init__(self, spec: WorkerSpec, rank: int, world: int, state: TrainState, restore_from: Path | None) -> None:
         self.spec, self.cfg = spec, spec.config
         self.rank, self.world, self.state = rank, world, state
-        self.output_dir = Path(self.cfg.output_dir)
+        self.output_dir = storage.path(self.cfg.output_dir)
         self._val = self._read_val_in_background() if rank == 0 else None
         self.engine = build_engine(self.cfg, spec.deepspeed)
         self.device = self.engine.device
@@ -201,6 +203,8 @@ class Trainer:
         """Collective: save this rank's part, report it to Ray Train (merged into one checkpoint in storage)."""
         import ray.train
 
+        if self.ledger is not None:
+            self.ledger.flush()  # on an object store: the steps up to this checkpoint, as one segment
         local = Path(tempfile.mkdtemp(prefix=f"ckpt-{self.state.step:08d}-rank{self.rank}-"))
         try:
             checkpointing.save(self.engine, self.weights, self.state, self.cfg.stage.to_dict(), self.rank, self.world,
@@ -210,25 +214,53 @@ class Trainer:
         finally:
             shutil.rmtree(local, ignore_errors=True)
 
-    def export(self) -> Path:
+    def export(self) -> StoragePath:
         """Rank 0 (after a gather): the consolidated stage checkpoint in imagen_core's format: EMA weights as
         model.safetensors (what sampling and the registry load), raw weights as train.safetensors, the
         StageConfig in config.json, so it rebuilds with nothing else: a text encoder the StageConfig names by a
         local path is copied into the export (text_encoder/, named "checkpoint:..." in config.json), so the export
-        loads on another machine and from another directory."""
+        loads on another machine and from another directory. Written in place on a local output_dir; on an object
+        store written to a local temporary folder and uploaded (`upload_export`). Replaced whole either way."""
+        directory = self.output_dir / EXPORT_DIR
+        extra = {"step": self.state.step, "run_name": self.cfg.run_name, "samples_seen": self.state.samples_seen}
+        if directory.is_local:
+            if directory.local.exists():
+                shutil.rmtree(directory.local)  # a previous fit's export: replaced whole, never mixed
+            self._write_export(directory.local, extra)
+            return directory
+        with tempfile.TemporaryDirectory(prefix="export-") as tmp:
+            self._write_export(Path(tmp), extra)
+            upload_export(Path(tmp), directory)
+        return directory
+
+    def _write_export(self, directory: Path, extra: dict[str, Any]) -> None:
         from imagen_core.checkpoint import carry_text_encoder, save_training_checkpoint
 
-        directory = self.output_dir / EXPORT_DIR
-        if directory.exists():
-            shutil.rmtree(directory)  # a previous fit's export: replaced whole, never mixed
-        extra = {"step": self.state.step, "run_name": self.cfg.run_name, "samples_seen": self.state.samples_seen}
         save_training_checkpoint(directory, self.weights.module, self.weights.ema, self.cfg.stage.to_dict(), extra)
         carry_text_encoder(directory)
-        return directory
 
     def close(self) -> None:
         if self.ledger is not None:
             self.ledger.close()
+
+
+def upload_export(local: Path, target: StoragePath) -> None:
+    """Replace the export at `target` (an object-store folder) with the local folder's files, so that no reader
+    takes a mix for a finished export: the old config.json (the manifest, what makes a folder a checkpoint) goes
+    first, the new one is uploaded last, then files the new export does not have are deleted."""
+    from imagen_core.checkpoint import CONFIG_FILE
+
+    old = {f.relative_to(target) for f in target.files(recursive=True)}
+    manifest = target / CONFIG_FILE
+    if CONFIG_FILE in old:
+        manifest.remove()
+    new = sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file())
+    for name in new:
+        if name != CONFIG_FILE:
+            storage.copy_tree(storage.path(local / name), target / name)
+    storage.copy_tree(storage.path(local / CONFIG_FILE), manifest)
+    for name in sorted(old - set(new)):
+        (target / name).remove()
 
 
 def _log_entry(trainer: Trainer, record: StepRecord) -> dict[str, Any]:
@@ -248,15 +280,18 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    output_dir = Path(cfg.output_dir)
+    output_dir = storage.path(cfg.output_dir)
     write_status(output_dir, rank, phase="starting")
     with checkpointing.latest_valid(rank, world) as found:
-        state = found[1] if found else TrainState(world_size=world)
+        state = found.state if found else TrainState(world_size=world)
         collate = Collate(spec.embed_dim, cfg.stage.text_encoder.max_length, cfg.train_crop)
         # The first micro-batch is fetched while DeepSpeed initialises (Ray Data start-up takes seconds).
         stream = Prefetch(micro_batches(ray.train.get_dataset_shard("train"), state, spec, rank, collate))
-        trainer = Trainer(spec, rank, world, state, found[0] if found else None)
-    write_status(output_dir, rank, phase="training", restored_step=state.step if found else None)
+        trainer = Trainer(spec, rank, world, state, found.directory if found else None)
+    # restored_files: what this rank downloaded from remote checkpoint storage (None: none, or read in place).
+    write_status(output_dir, rank, phase="training", restored_step=state.step if found else None,
+                 restored_files=found.fetched if found else None,
+                 restored_from=found.checkpoint_path if found else None)
     progress = tqdm(total=cfg.last_step, initial=state.step, desc=f"train {cfg.stage.name}",
                     disable=rank != 0, mininterval=5.0)
     window: list[StepRecord] = []

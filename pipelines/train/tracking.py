@@ -7,11 +7,15 @@ end the exported checkpoint. Rank 0 logs metrics, validation losses and sample g
 """
 from __future__ import annotations
 
-import json
+import contextlib
+import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from pipelines import storage
+from pipelines.storage import StoragePath
 from pipelines.tracking import experiment_id, flatten_params
 
 RUN_FILE = "mlflow_run.json"
@@ -23,14 +27,14 @@ def _client(uri: str) -> Any:
     return MlflowClient(tracking_uri=uri)
 
 
-def open_run(uri: str, experiment: str, run_name: str, output_dir: Path, resume: bool,
+def open_run(uri: str, experiment: str, run_name: str, output_dir: str | os.PathLike | StoragePath, resume: bool,
              tags: dict[str, str] | None = None) -> str:
     """The MLflow run id of this stage training: the stored one when resuming, else a new run with `tags`
     (a pipeline run passes `mlflow.parentRunId` to nest it under its step)."""
     client = _client(uri)
-    record = output_dir / RUN_FILE
+    record = storage.path(output_dir) / RUN_FILE
     if resume and record.exists():
-        run_id = json.loads(record.read_text())["run_id"]
+        run_id = record.read_json()["run_id"]
         client.update_run(run_id, status="RUNNING")
         return run_id
     run = client.create_run(experiment_id(client, uri, experiment), run_name=run_name, tags=tags)
@@ -40,7 +44,8 @@ def open_run(uri: str, experiment: str, run_name: str, output_dir: Path, resume:
     return run.info.run_id
 
 
-def log_config(uri: str, run_id: str, config: dict[str, Any], ds_config: dict[str, Any], files: list[Path]) -> None:
+def log_config(uri: str, run_id: str, config: dict[str, Any], ds_config: dict[str, Any],
+               files: list[str | os.PathLike | StoragePath]) -> None:
     """Params (flattened resolved config, the DeepSpeed one under "deepspeed.") and the JSON files as artifacts.
     On resume the params are already there (MLflow refuses to change them): only new ones are added."""
     from mlflow.entities import Param
@@ -52,13 +57,32 @@ def log_config(uri: str, run_id: str, config: dict[str, Any], ds_config: dict[st
     for start in range(0, len(new), 100):
         client.log_batch(run_id, params=new[start:start + 100])
     for path in files:
-        client.log_artifact(run_id, str(path), artifact_path="config")
+        with local_copy(path) as local:
+            client.log_artifact(run_id, str(local), artifact_path="config")
 
 
-def finish_run(uri: str, run_id: str, export_dir: Path | None, status: str) -> None:
+@contextlib.contextmanager
+def local_copy(path: str | os.PathLike | StoragePath) -> Iterator[Path]:
+    """A file or folder as a local path: itself on a local disk, else a download kept for the block."""
+    where = storage.path(path)
+    if where.is_local:
+        yield where.local
+        return
+    with tempfile.TemporaryDirectory(prefix="mlflow-upload-") as tmp:
+        target = Path(tmp) / where.name
+        if where.is_file():
+            target.write_bytes(where.read_bytes())
+        else:
+            where.download_to(target)
+        yield target
+
+
+def finish_run(uri: str, run_id: str, export_dir: str | os.PathLike | StoragePath | None, status: str) -> None:
+    """Log the export (downloaded first when it is in an object store) and end the run with `status`."""
     client = _client(uri)
-    if export_dir is not None and export_dir.is_dir():
-        client.log_artifacts(run_id, str(export_dir), artifact_path="export")
+    if export_dir is not None and storage.path(export_dir).is_dir():
+        with local_copy(export_dir) as local:
+            client.log_artifacts(run_id, str(local), artifact_path="export")
     client.set_terminated(run_id, status=status)
 
 

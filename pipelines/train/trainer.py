@@ -11,6 +11,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from pipelines import storage
 from pipelines.ray_env import RayConfig, init_ray
 from pipelines.step import atomic_write_json
 from pipelines.tracking import check_tracking
@@ -33,9 +34,12 @@ class RunExists(RuntimeError):
 @dataclasses.dataclass(frozen=True)
 class TrainResult:
     checkpoint_dir: str | None
-    """The latest Ray Train checkpoint (DeepSpeed shards, EMA, data position) in storage."""
+    """The latest Ray Train checkpoint (DeepSpeed shards, EMA, data position) in storage: a local path, or a URL
+    (s3://bucket/...) when the checkpoint storage is an object store."""
     export_dir: str
-    """The consolidated stage checkpoint: model.safetensors (EMA), train.safetensors, config.json."""
+    """The consolidated stage checkpoint: model.safetensors (EMA), train.safetensors, config.json. An absolute
+    local path or, for an object-store output_dir, its URL (s3://.../export): pass it to
+    `pipelines.registry.register.register_stage` or `pipelines.registry.checkpoints.read_manifest`, which take both."""
     mlflow_run_id: str
     metrics: dict[str, Any]
     """Rank 0's metrics reported with the last checkpoint (loss, val_loss, ...)."""
@@ -46,17 +50,15 @@ def _absolute_storage(storage_path: str) -> str:
     return storage_path if "://" in storage_path else str(Path(storage_path).resolve())
 
 
-def _storage_fs_path(storage_path: str) -> tuple[Any, str]:
-    import pyarrow.fs
-
-    return pyarrow.fs.FileSystem.from_uri(_absolute_storage(storage_path))
+def checkpoint_uri(storage_path: str, path: str) -> str:
+    """A Ray Train checkpoint's path on its filesystem as a URI: pyarrow's "bucket/key" gets the storage's scheme."""
+    if "://" not in storage_path or "://" in path:
+        return path
+    return f"{storage_path.split('://', 1)[0]}://{path.lstrip('/')}"
 
 
 def run_exists(storage_path: str, run_name: str) -> bool:
-    import pyarrow.fs
-
-    fs, path = _storage_fs_path(storage_path)
-    return fs.get_file_info(f"{path.rstrip('/')}/{run_name}").type != pyarrow.fs.FileType.NotFound
+    return (storage.path(_absolute_storage(storage_path)) / run_name).exists()
 
 
 def prepare_run(config: TrainConfig) -> tuple[dict[str, Any], list[str], int]:
@@ -74,8 +76,8 @@ def prepare_run(config: TrainConfig) -> tuple[dict[str, Any], list[str], int]:
             f"run {config.run_name!r} already exists in {config.storage_path}; pass resume=True (--resume) to "
             "continue it, or choose another run_name"
         )
-    output_dir = Path(config.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    output_dir = storage.path(config.output_dir)
+    output_dir.mkdir()
     atomic_write_json(output_dir / CONFIG_FILE, config.to_dict())
     atomic_write_json(output_dir / DEEPSPEED_FILE, ds_config)
     return ds_config, files, embed_dim
@@ -133,7 +135,7 @@ def train_stage(config: TrainConfig, ray_config: RayConfig = RayConfig(), *,
     `mlflow.parentRunId`); they are not part of the config because they never change what is trained.
     """
     ds_config, files, embed_dim = prepare_run(config)
-    output_dir = Path(config.output_dir)
+    output_dir = storage.path(config.output_dir)
     uri = config.tracking_uri
     check_tracking(uri, timeout_s=15.0)
     run_id = tracking.open_run(uri, config.tracking.experiment, config.run_name, output_dir, config.resume,
@@ -152,7 +154,7 @@ def train_stage(config: TrainConfig, ray_config: RayConfig = RayConfig(), *,
     export_dir = output_dir / EXPORT_DIR
     tracking.finish_run(uri, run_id, export_dir, "FINISHED")
     return TrainResult(
-        checkpoint_dir=result.checkpoint.path if result.checkpoint is not None else None,
+        checkpoint_dir=checkpoint_uri(config.storage_path, result.checkpoint.path) if result.checkpoint else None,
         export_dir=str(export_dir),
         mlflow_run_id=run_id,
         metrics=dict(result.metrics or {}),
