@@ -30,7 +30,7 @@ from pipelines.pipeline_config import (
     SCORES_DIR,
     PipelineConfig,
 )
-from pipelines.run_output import RunOutput, count_files, count_lines
+from pipelines.run_output import RunOutput, count_files
 from pipelines.status import STATE_FILE
 from pipelines import storage
 from pipelines.step import StepDir, StepKeyMismatch, atomic_write_json, step_key
@@ -144,7 +144,7 @@ def export_heldout(embed_dir: StoragePath, out_dir: StoragePath, val_fraction: f
 
 def register_step(config: PipelineConfig, trained: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Every stage's export registered as `<model_name>-<stage>` (challenger); the same weights never twice."""
-    from imagen_core.checkpoint import read_manifest
+    from pipelines.registry.checkpoints import read_manifest
     from pipelines.registry.register import RegisterConfig, register_stage
 
     weights = {s: read_manifest(r["export_dir"])["files"]["model.safetensors"]["sha256"] for s, r in trained.items()}
@@ -285,11 +285,11 @@ def _train_all(config: PipelineConfig, steps: _Steps, embed_key: str, pipeline: 
     steps.out.line(f"training {len(config.train)} stage(s) " + ("concurrently" if together else "one after another")
                    + f" (cluster: {ray.cluster_resources().get('CPU', 0):g} CPUs, "
                      f"{ray.cluster_resources().get('GPU', 0):g} GPUs)")
-    from pipelines.train.ledger import ledger_path
+    from pipelines.train.ledger import ledger_steps
 
     run = {name: (lambda t=t, name=name: steps(
         f"train_{name}", lambda: train_step(t, embed_key, pipeline.nested_tags, config.ray),
-        progress=(t.total_steps, "step", count_lines(ledger_path(t.output_dir, 0)))))
+        progress=(t.total_steps, "step", lambda t=t: ledger_steps(t.output_dir, 0))))
         for name, t in config.train.items()}
     if not together:
         return {name: fn() for name, fn in run.items()}

@@ -133,16 +133,3 @@ def count_files(directory: str | os.PathLike | StoragePath, pattern: str) -> Cal
     """A poll for `progress`: how many files match `pattern` in `directory` now."""
     path = storage.path(directory)
     return lambda: len(path.glob(pattern))
-
-
-def count_lines(path: str | os.PathLike) -> Callable[[], int]:
-    """A poll for `progress`: the lines of a file now (a training ledger has one per optimiser step)."""
-    file = pathlib.Path(path)
-
-    def poll() -> int:
-        if not file.exists():
-            return 0
-        with open(file, "rb") as f:
-            return sum(1 for _ in f)
-
-    return poll
