@@ -20,7 +20,13 @@ FORWARDED_ENV = (
     "MLFLOW_TRACKING_URI",
     "TORCH_DISTRIBUTED_DEBUG",
     "IMAGEN_CACHE_DIR",
-    "GOOGLE_APPLICATION_CREDENTIALS",
+    # Where the object store is (not who may use it: credentials come from each node's own environment, a
+    # Kubernetes Secret or an instance role, and never travel in a job's runtime_env, which the dashboard shows).
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+    "MLFLOW_S3_ENDPOINT_URL",
 )
 FORWARDED_PREFIXES = (
     "NCCL_",        # NCCL itself: NCCL_DEBUG, NCCL_SOCKET_IFNAME, NCCL_IB_*, NCCL_PROTO, NCCL_TIMEOUT...
@@ -29,10 +35,8 @@ FORWARDED_PREFIXES = (
     "OFI_NCCL_",    # the aws-ofi-nccl plugin (NCCL over libfabric): OFI_NCCL_DISABLE_GDR_REQUIRED_CHECK...
     "RDMAV_",       # rdma-core: RDMAV_FORK_SAFE (EFA with forking data loaders)
     "GLOO_",        # gloo's interface for CPU collectives: GLOO_SOCKET_IFNAME
-    "AWS_",         # object storage (pyarrow, botocore): AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_DEFAULT_REGION...
-    "MLFLOW_S3_",   # MLflow's artifact client on an S3-compatible server: MLFLOW_S3_ENDPOINT_URL
 )
-"""Prefixes of collective-communication and object-storage settings forwarded to the workers (where the NCCL communicators live):
+"""Prefixes of collective-communication settings forwarded to the workers (where the NCCL communicators live):
 set them once where the driver runs (`ray job submit`'s shell, the RayJob's runtimeEnvYAML) instead of on every
 node. Node-specific values (an interface name that differs between the CPU head and the GPU nodes) belong in the
 nodes' own environment instead: a forwarded value replaces the node's. CUDA_VISIBLE_DEVICES is never forwarded

@@ -340,12 +340,12 @@ def test_nccl_and_efa_variables_are_forwarded_to_workers():
         "FI_PROVIDER": "efa", "FI_EFA_USE_DEVICE_RDMA": "1", "OFI_NCCL_DISABLE_GDR_REQUIRED_CHECK": "1",
         "RDMAV_FORK_SAFE": "1", "GLOO_SOCKET_IFNAME": "eth0", "TORCH_DISTRIBUTED_DEBUG": "DETAIL",
         "DS_ACCELERATOR": "cuda", "TORCH_EXTENSIONS_DIR": "/tmp/ext", "HF_HUB_OFFLINE": "1",
-        "CUDA_VISIBLE_DEVICES": "0,1", "AWS_SECRET_ACCESS_KEY": "s", "HOME": "/root", "PATH": "/bin",
-        "MY_NCCL_THING": "x",
+        "CUDA_VISIBLE_DEVICES": "0,1", "AWS_SECRET_ACCESS_KEY": "s", "AWS_ACCESS_KEY_ID": "k", "HOME": "/root",
+        "PATH": "/bin", "MY_NCCL_THING": "x", "AWS_ENDPOINT_URL": "http://minio:9000", "AWS_DEFAULT_REGION": "eu-west-1",
     }
     forwarded = forwarded_env(environ)
     assert forwarded == {k: v for k, v in environ.items() if k not in (
-        "CUDA_VISIBLE_DEVICES", "AWS_SECRET_ACCESS_KEY", "HOME", "PATH", "MY_NCCL_THING")}
+        "CUDA_VISIBLE_DEVICES", "AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "HOME", "PATH", "MY_NCCL_THING")}
 
 
 def test_variables_a_submitted_job_sets_are_not_forwarded_twice():
