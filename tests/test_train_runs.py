@@ -27,7 +27,7 @@ import torch
 
 from imagen_core.recipes import stage_tiny_base, stage_tiny_sr
 from pipelines.train.checkpointing import TrainState
-from pipelines.train.data import Collate, DecodeImages, build_dataset, held_out, parquet_files
+from pipelines.train.data import Collate, DecodeImages, build_dataset, held_out, parquet_files, read_val_rows
 from pipelines.train.dsconfig import load_deepspeed_json
 from pipelines.train.engine import build_optimizer, lr_factor, noise_seed
 from pipelines.train.ledger import read_ledger, status_path
@@ -261,6 +261,14 @@ def test_ray_data_pipeline_splits_and_repeats_exactly(ray_session, data_dir) -> 
 
         train_keys, val_keys = keys(train_ds), keys(val_ds)
         assert sorted(train_keys + val_keys) == [f"{i:06d}" for i in range(96)]
+        # The trainer reads validation rows in process (read_val_rows): the Ray Data val split's rows, in order.
+        direct = read_val_rows(files, data, 16, 8)
+        assert list(direct["key"]) == val_keys
+        streamed = next(iter(val_ds.iter_batches(batch_size=len(val_keys), batch_format="numpy")))
+        assert np.array_equal(direct["image"], streamed["image"]) and np.array_equal(direct["lowres"], streamed["lowres"])
+        assert all(np.array_equal(a, b) for a, b in zip(direct["text_embedding"], streamed["text_embedding"]))
+        capped = read_val_rows(files, dataclasses.replace(data, val_max_samples=3), 16, 8)
+        assert list(capped["key"]) == val_keys[:3]
         assert val_keys and all(held_out(k, 0.25) for k in val_keys)
         assert not any(held_out(k, 0.25) for k in train_keys)
         assert keys(train_ds) == train_keys

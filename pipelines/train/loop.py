@@ -24,7 +24,7 @@ from pipelines.storage import StoragePath
 from pipelines.train import checkpointing
 from pipelines.train.checkpointing import TrainState
 from pipelines.train.config import TrainConfig
-from pipelines.train.data import Batch, Collate, epoch_batches
+from pipelines.train.data import Batch, Collate, epoch_batches, parquet_files, read_val_rows
 from pipelines.train.engine import build_engine, grad_norm_recorded, manual_grad_norm, memory_stats, noise_seed
 from pipelines.train.ledger import Ledger, write_status
 from pipelines.train.validation import first_rows, sample_grid, validation_loss
@@ -164,12 +164,15 @@ class Trainer:
         return per_rank
 
     def _read_val_in_background(self) -> concurrent.futures.Future:
-        import ray.train
-
-        shard = ray.train.get_dataset_shard("val")
         collate = Collate(self.spec.embed_dim, self.cfg.stage.text_encoder.max_length)
-        micro = self.spec.micro_batch
-        return in_background(lambda: list(shard.iter_torch_batches(batch_size=micro, collate_fn=collate)))
+        micro, cfg = self.spec.micro_batch, self.cfg
+
+        def read() -> list[Batch]:
+            rows = read_val_rows(parquet_files(cfg.data.paths), cfg.data, cfg.stage.image_size, cfg.stage.lowres_size)
+            count = len(rows.get("key", ()))
+            return [collate({name: column[i:i + micro] for name, column in rows.items()}) for i in range(0, count, micro)]
+
+        return in_background(read)
 
     def val_batches(self) -> list[Batch]:
         """Held-out batches (bounded by val_max_samples), read once on rank 0 and kept."""

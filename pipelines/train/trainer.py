@@ -105,7 +105,7 @@ def build_trainer(config: TrainConfig, spec: WorkerSpec, files: list[str]) -> An
     stage = config.stage
     datasets = {
         split: build_dataset(files, split, config.data, stage.image_size, stage.lowres_size, config.seed)
-        for split in ("train", "val")
+        for split in ("train",)
     }
     scaling = config.scaling
     return TorchTrainer(
