@@ -8,8 +8,8 @@ Both score the same ingest shards with the same CLIP (an open_clip architecture 
 a .safetensors file and loaded by the real loading path: same compute as the pretrained model, no hub) and the
 same per-row work (decode, thumbnail, image and caption embeddings, concept margins, one Parquet file per
 shard). Baseline: one process, `ShardScorer.score_shard` over the shards in order, torch with every core as
-intra-op threads (what a script would do). Ours: `curate.score` with the default actor pool (2 actors,
-1 torch thread each), on a running local Ray (its start is not timed). Prints the machine, both figures and
+intra-op threads (what a script would do). Ours: `curate.score` with the default stages (CPU decode tasks of
+0.5 CPU each feeding 2 model actors, 1 torch thread each), on a running local Ray (its start is not timed). Prints the machine, both figures and
 the ratio.
 """
 from __future__ import annotations

@@ -100,6 +100,28 @@ def decode_image(data: bytes) -> Image.Image:
         return img.convert("RGB")
 
 
+def _create(config: ClipConfig, **kwargs: Any) -> tuple[Any, Any]:
+    """open_clip's model and eval transform for `config` (the tiny CLIP registered and squash-resized)."""
+    import open_clip
+
+    tiny = config.model_name == TINY_CLIP_NAME
+    if tiny:
+        register_tiny_clip()
+    model, _, preprocess = open_clip.create_model_and_transforms(
+        config.model_name, pretrained=config.pretrained, image_resize_mode="squash" if tiny else None, **kwargs)
+    return model, preprocess
+
+
+def clip_preprocess(config: ClipConfig) -> Any:
+    """The eval transform (PIL image -> (3, H, W) float32: resize, crop, normalise) that `Clip(config)` applies,
+    without loading weights: what CPU decode tasks run so that the model's actors receive pixels only."""
+    try:
+        _, preprocess = _create(config, load_weights=False, device="cpu")
+    except (RuntimeError, FileNotFoundError, ValueError) as exc:
+        raise ClipWeightsUnavailable(_missing_weights_message(config, exc)) from exc
+    return preprocess
+
+
 class Clip:
     """A loaded open_clip model with its eval preprocessing and tokenizer; returns unit-norm embeddings."""
 
@@ -109,14 +131,8 @@ class Clip:
         self.config = config
         # The tiny CLIP by name: register its config here (Ray workers are fresh processes) and
         # preprocess as it was trained (its local-dir folder records the same in its config file).
-        tiny = config.model_name == TINY_CLIP_NAME
-        if tiny:
-            register_tiny_clip()
         try:
-            model, _, preprocess = open_clip.create_model_and_transforms(
-                config.model_name, pretrained=config.pretrained, precision=config.precision,
-                device=config.device, image_resize_mode="squash" if tiny else None,
-            )
+            model, preprocess = _create(config, precision=config.precision, device=config.device)
         except (RuntimeError, FileNotFoundError, ValueError) as exc:
             raise ClipWeightsUnavailable(_missing_weights_message(config, exc)) from exc
         self.model = model.eval()
@@ -130,9 +146,16 @@ class Clip:
         out = []
         for start in range(0, len(images), self.config.batch_size):
             batch = torch.stack([self.preprocess(im) for im in images[start : start + self.config.batch_size]])
-            feats = self.model.encode_image(batch.to(self.config.device, self._input_dtype()), normalize=True)
-            out.append(feats.float().cpu())
+            out.append(self.encode_pixels(batch))
         return torch.cat(out) if out else torch.empty(0, self.embed_dim)
+
+    @torch.no_grad()
+    def encode_pixels(self, pixels: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """Preprocessed images (N, 3, H, W) float32, as `clip_preprocess` makes them -> (N, E) float32 unit
+        vectors, in one forward pass (the caller batches)."""
+        batch = torch.as_tensor(pixels)
+        feats = self.model.encode_image(batch.to(self.config.device, self._input_dtype()), normalize=True)
+        return feats.float().cpu()
 
     @torch.no_grad()
     def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:

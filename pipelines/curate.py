@@ -3,8 +3,10 @@
 Two steps, each a `StepDir` (per-shard done records, manifest last):
 
 1. `score` (expensive, CLIP): per ingest shard, the CLIP image-text cosine, the unit image embedding
-   (fp16) and the zero-shot unsafe margin of every downloaded image. Runs as Ray Data `map_batches`
-   on an actor pool: each actor loads CLIP once and turns one ingest shard into one score shard.
+   (fp16) and the zero-shot unsafe margin of every downloaded image. One Ray Data pipeline: CPU tasks
+   (`DecodeConfig`) decode and CLIP-preprocess each shard's images into chunks of pixel tensors (one forward
+   pass each), which feed the model's actor pool (`ActorPoolConfig`, GPUs per actor); the driver writes each
+   score shard and its done record once all of the shard's chunks are scored.
 2. `select` (cheap, global): reads all scores at once, applies the per-sample filters, then the
    set-level ones (exact and near duplicates, the CLIP-score percentile) across the whole corpus, and
    writes per shard the kept rows (`shards/`) and every input row's decision (`decisions/`).
@@ -18,6 +20,7 @@ judged among survivors so that a duplicate whose original was rejected for its c
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import pathlib
 import re
@@ -33,12 +36,12 @@ from PIL import Image
 
 from pipelines import storage
 from pipelines.ann_index import IvfConfig, load_npy, read_parquet, read_parquet_schema, remove_tree
-from pipelines.clip_model import Clip, ClipConfig, check_clip_source, decode_image
+from pipelines.clip_model import Clip, ClipConfig, check_clip_source, clip_preprocess, decode_image
 from pipelines.select_stages import (DECISION_COLUMNS, FILTER_ORDER, INGEST_META_COLUMNS, KEEP, KEPT_COLUMNS,  # noqa: F401
                                      REJECT, SCORE_HIST_BINS, THUMB, PercentileCut, _Select, as_namespace,
                                      caption_reasons, funnel, merge_funnels, per_sample_decisions, shard_funnel)
 from pipelines.step import (ActorPoolConfig, StepDir, atomic_write_parquet, finished_manifest,
-                            map_shards_on_actor_pool, shard_ids_of, shard_path)
+                            shard_ids_of, shard_path)
 from pipelines.storage import StoragePath
 
 Where = str | pathlib.Path | StoragePath
@@ -242,6 +245,21 @@ class SelectConfig:
 
 
 @dataclass(kw_only=True, frozen=True)
+class DecodeConfig:
+    """The CPU stage of scoring: Ray Data tasks that decode each image and apply CLIP's preprocessing (resize,
+    crop, normalise), feeding the model's actors pixel tensors. Resources only, not part of any step key."""
+
+    num_cpus: float = 0.5
+    """CPUs reserved per decode task (fractions allowed; each task decodes on one core)."""
+    concurrency: int | None = None
+    """Most decode tasks at once (None: as many as the free CPUs allow)."""
+
+    def __post_init__(self) -> None:
+        if self.num_cpus <= 0 or (self.concurrency is not None and self.concurrency < 1):
+            raise ValueError(f"DecodeConfig needs num_cpus > 0 and concurrency >= 1 or None: {self}")
+
+
+@dataclass(kw_only=True, frozen=True)
 class CurateConfig:
     score: ScoreConfig
     """Pass 1: CLIP scoring."""
@@ -251,7 +269,10 @@ class CurateConfig:
     """The index `imagen data search` queries, built over the kept rows after selection (None: build
     it on the first search instead)."""
     pool: ActorPoolConfig = field(default_factory=ActorPoolConfig)
-    """The scoring actors (size, CPUs and GPUs each, fractions allowed): resources, not part of any step key."""
+    """The scoring model's actors (size, CPUs and GPUs each, fractions allowed): resources, not part of any step
+    key."""
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    """The CPU decode/preprocess tasks that feed those actors (CPUs each): resources, not part of any step key."""
 
 
 # -- inputs ---------------------------------------------------------------------------------------
@@ -277,73 +298,216 @@ def score_schema(embed_dim: int, clip: ClipConfig) -> pa.Schema:
     )
 
 
-class ShardScorer:
-    """Ray Data actor: loads CLIP once, then scores one ingest shard per call."""
+def _rows_to_score(rows: list[dict]) -> list[int]:
+    return [i for i, r in enumerate(rows) if r["status"] == "success" and r["image"] is not None]
 
-    def __init__(self, config: ScoreConfig, ingest_dir: str, step: StepDir, torch_threads: int) -> None:
+
+def decode_chunks(shard_id: str, rows: list[dict], preprocess: Any, batch_size: int) -> list[dict[str, Any]]:
+    """CPU work of one ingest shard's scoring, no model: decode, 8x8 thumbnail and CLIP preprocessing (resize,
+    crop, normalise) of every downloaded image, in chunks of `batch_size` rows (one model forward pass each,
+    the rows that decoded). Each chunk is one record: `pixels` (batch_size, 3, H, W) float32 with the first `n`
+    filled, their shard row numbers `rows` (-1 beyond n), `thumbs`, captions and decode errors (JSON). A shard
+    with nothing to score gives one empty chunk, so that every shard reaches the model stage; chunk 0 carries
+    every key of the shard (in order) and every chunk the shard's chunk count."""
+    todo = _rows_to_score(rows)
+    starts = list(range(0, len(todo), batch_size)) or [0]
+    chunks = []
+    for c, start in enumerate(starts):
+        pixels, ok, thumbs, errors = [], [], [], {}
+        for i in todo[start:start + batch_size]:
+            try:
+                image = decode_image(rows[i]["image"])
+            except Exception as exc:  # noqa: BLE001 - any undecodable image is a recorded reject
+                errors[str(i)] = f"{type(exc).__name__}: {exc}"
+                continue
+            ok.append(i)
+            thumbs.append(np.asarray(image.resize((THUMB, THUMB), Image.Resampling.BOX)).reshape(-1))
+            pixels.append(preprocess(image).numpy())
+        n = len(ok)
+        shape = pixels[0].shape if pixels else tuple(preprocess(Image.new("RGB", (THUMB, THUMB))).shape)
+        block = np.zeros((batch_size, *shape), np.float32)
+        if n:
+            block[:n] = np.stack(pixels)
+        thumb_block = np.zeros((batch_size, THUMB * THUMB * 3), np.uint8)
+        if n:
+            thumb_block[:n] = np.stack(thumbs)
+        chunks.append({
+            "shard_id": shard_id, "chunk": c, "n_chunks": len(starts), "n": n,
+            "rows": np.array(ok + [-1] * (batch_size - n), np.int64), "pixels": block, "thumbs": thumb_block,
+            "captions": json.dumps([rows[i]["caption"] or "" for i in ok]), "errors": json.dumps(errors),
+            "keys": json.dumps([r["key"] for r in rows]) if c == 0 else "",
+        })
+    return chunks
+
+
+class DecodeShards:
+    """Ray Data task UDF (CPU): one ingest shard id in, its chunks of preprocessed pixels out, one at a time."""
+
+    def __init__(self, ingest_dir: str, preprocess: Any, batch_size: int) -> None:
+        self.ingest_dir, self.preprocess, self.batch_size = ingest_dir, preprocess, batch_size
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> Any:
+        import torch
+
+        torch.set_num_threads(1)  # the transform's tensor ops: one core per task, the tasks are the parallelism
+        for shard_id in batch["shard_id"]:
+            rows = read_parquet(shard_path(self.ingest_dir, str(shard_id)),
+                                columns=["key", "caption", "status", "image"]).to_pylist()
+            for chunk in decode_chunks(str(shard_id), rows, self.preprocess, self.batch_size):
+                yield {k: np.asarray([v]) if not isinstance(v, np.ndarray) else v[None] for k, v in chunk.items()}
+
+
+def _decode_batch(batch: dict[str, np.ndarray], ingest_dir: str, preprocess: Any, batch_size: int) -> Any:
+    yield from DecodeShards(ingest_dir, preprocess, batch_size)(batch)
+
+
+class ClipScorer:
+    """Ray Data actor (the model stage): loads CLIP once, then scores one chunk of preprocessed pixels per
+    call. It never sees image bytes: decoding and preprocessing ran in the CPU tasks before it."""
+
+    def __init__(self, config: ScoreConfig, torch_threads: int, preprocess_repr: str | None = None) -> None:
         import torch
 
         torch.set_num_threads(torch_threads)
-        self.config, self.ingest_dir, self.step = config, ingest_dir, step
+        self.config = config
         self.clip = Clip(config.clip)
+        if preprocess_repr is not None and repr(self.clip.preprocess) != preprocess_repr:
+            raise RuntimeError(f"the decode tasks' CLIP transform {preprocess_repr} differs from the model's "
+                               f"{self.clip.preprocess!r}")
         concepts = self.clip.encode_texts(list(config.unsafe_concepts) + list(config.safe_concepts))
         self.unsafe_emb = concepts[: len(config.unsafe_concepts)].numpy()
         self.safe_emb = concepts[len(config.unsafe_concepts):].numpy()
 
+    def score_chunk(self, chunk: dict[str, Any]) -> dict[str, Any]:
+        """One chunk -> clip score, image embedding (float32), unsafe margin and concept index per filled row."""
+        n, width = int(chunk["n"]), len(chunk["rows"])
+        dim = self.unsafe_emb.shape[1]
+        emb = np.zeros((width, dim), np.float32)
+        score = np.full(width, np.nan, np.float32)
+        if n:
+            img = self.clip.encode_pixels(chunk["pixels"][:n]).numpy()
+            txt = self.clip.encode_texts(json.loads(chunk["captions"])).numpy()
+            emb[:n], score[:n] = img, (img * txt).sum(-1)
+        unsafe_sims, safe_sims = emb @ self.unsafe_emb.T, emb @ self.safe_emb.T
+        margin = (unsafe_sims.max(1) - safe_sims.max(1)).astype(np.float32)
+        return {"emb": emb, "score": score, "margin": margin, "concept": unsafe_sims.argmax(1).astype(np.int32)}
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        for shard_id in batch["shard_id"]:
-            table = self.score_shard(shard_path(self.ingest_dir, shard_id))
-            atomic_write_parquet(shard_path(self.step.root, shard_id), table)
-            scored = pc.sum(pc.is_valid(table["clip_score"])).as_py() or 0
-            self.step.mark_done(shard_id, {"rows": table.num_rows, "scored": scored})
-        return {"shard_id": batch["shard_id"]}
+        out: dict[str, list] = {}
+        for j in range(len(batch["shard_id"])):
+            chunk = {k: v[j] for k, v in batch.items()}
+            scored = self.score_chunk(chunk)
+            for k in ("shard_id", "chunk", "n_chunks", "n", "rows", "thumbs", "errors", "keys"):
+                out.setdefault(k, []).append(chunk[k])
+            for k, v in scored.items():
+                out.setdefault(k, []).append(v)
+        return {k: np.stack(v) if isinstance(v[0], np.ndarray) else np.asarray(v) for k, v in out.items()}
+
+
+def assemble_scores(config: ScoreConfig, dim: int, chunks: Sequence[dict[str, Any]]) -> pa.Table:
+    """One score shard from all its scored chunks (any order): every ingest row, in the shard's order."""
+    chunks = sorted(chunks, key=lambda c: int(c["chunk"]))
+    keys = json.loads(chunks[0]["keys"])
+    n = len(keys)
+    score = np.full(n, np.nan, np.float32)
+    emb = np.zeros((n, dim), np.float32)
+    thumbs = np.zeros((n, THUMB * THUMB * 3), np.uint8)
+    margin = np.zeros(n, np.float32)
+    concept_ix = np.zeros(n, np.int64)
+    errors: list[str | None] = [None] * n
+    for c in chunks:
+        k = int(c["n"])
+        ok = np.asarray(c["rows"][:k], np.int64)
+        score[ok], emb[ok], thumbs[ok] = c["score"][:k], c["emb"][:k], c["thumbs"][:k]
+        margin[ok], concept_ix[ok] = c["margin"][:k], c["concept"][:k]
+        for i, error in json.loads(c["errors"]).items():
+            errors[int(i)] = error
+    has = ~np.isnan(score)
+    concept = [config.unsafe_concepts[j] if h else None for j, h in zip(concept_ix, has)]
+    return pa.table(
+        {
+            "key": keys,
+            "clip_score": pa.array(score, mask=~has),
+            # Zeros, not nulls, where unscored (clip_score is null there): pyarrow 25 cannot read
+            # back a parquet fixed-size-list column with null slots.
+            "image_embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.astype(np.float16).reshape(-1)), dim),
+            "thumbnail": pa.array([t.tobytes() for t in thumbs], pa.binary(THUMB * THUMB * 3)),
+            "unsafe_margin": pa.array(margin, mask=~has),
+            "unsafe_concept": pa.array(concept, pa.string()),
+            "score_error": pa.array(errors, pa.string()),
+        },
+        schema=score_schema(dim, config.clip),
+    )
+
+
+class ShardScorer(ClipScorer):
+    """Both stages in one process, shard after shard (the benchmark's plain-loop baseline, and a debugger's)."""
+
+    def __init__(self, config: ScoreConfig, ingest_dir: str, step: StepDir, torch_threads: int) -> None:
+        super().__init__(config, torch_threads)
+        self.ingest_dir, self.step = ingest_dir, step
 
     def score_shard(self, path: Where) -> pa.Table:
         rows = read_parquet(path, columns=["key", "caption", "status", "image"]).to_pylist()
-        n, dim = len(rows), self.unsafe_emb.shape[1]
-        score = np.full(n, np.nan, np.float32)
-        emb = np.zeros((n, dim), np.float32)
-        thumbs = np.zeros((n, THUMB * THUMB * 3), np.uint8)
-        errors: list[str | None] = [None] * n
-        todo = [i for i, r in enumerate(rows) if r["status"] == "success" and r["image"] is not None]
-        step = self.config.clip.batch_size
-        for start in range(0, len(todo), step):  # decode a batch at a time: bounded memory
-            images, ok = [], []
-            for i in todo[start:start + step]:
-                try:
-                    images.append(decode_image(rows[i]["image"]))
-                    ok.append(i)
-                except Exception as exc:  # noqa: BLE001 - any undecodable image is a recorded reject
-                    errors[i] = f"{type(exc).__name__}: {exc}"
-            if not ok:
-                continue
-            thumbs[ok] = [np.asarray(im.resize((THUMB, THUMB), Image.Resampling.BOX)).reshape(-1) for im in images]
-            img = self.clip.encode_images(images).numpy()
-            txt = self.clip.encode_texts([rows[i]["caption"] or "" for i in ok]).numpy()
-            emb[ok], score[ok] = img, (img * txt).sum(-1)
-        has = ~np.isnan(score)
-        unsafe_sims, safe_sims = emb @ self.unsafe_emb.T, emb @ self.safe_emb.T
-        margin = unsafe_sims.max(1) - safe_sims.max(1)
-        concept = [self.config.unsafe_concepts[j] for j in unsafe_sims.argmax(1)]
-        return pa.table(
-            {
-                "key": [r["key"] for r in rows],
-                "clip_score": pa.array(score, mask=~has),
-                # Zeros, not nulls, where unscored (clip_score is null there): pyarrow 25 cannot read
-                # back a parquet fixed-size-list column with null slots.
-                "image_embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.astype(np.float16).reshape(-1)), dim),
-                "thumbnail": pa.array([t.tobytes() for t in thumbs], pa.binary(THUMB * THUMB * 3)),
-                "unsafe_margin": pa.array(margin.astype(np.float32), mask=~has),
-                "unsafe_concept": pa.array([c if h else None for c, h in zip(concept, has)], pa.string()),
-                "score_error": pa.array(errors, pa.string()),
-            },
-            schema=score_schema(dim, self.config.clip),
-        )
+        chunks = decode_chunks(storage.path(path).stem, rows, self.clip.preprocess, self.config.clip.batch_size)
+        return assemble_scores(self.config, self.unsafe_emb.shape[1],
+                               [{**c, **self.score_chunk(c)} for c in chunks])
+
+
+def scoring_dataset(ingest_dir: StoragePath, config: ScoreConfig, shard_ids: Sequence[str], pool: ActorPoolConfig,
+                    decode: "DecodeConfig", scorer_cls: type = ClipScorer) -> Any:
+    """The lazy Ray Data pipeline: shard ids -> CPU decode tasks (chunks of preprocessed pixels) -> the model's
+    actor pool (scores, embeddings). Nothing runs until it is iterated."""
+    import ray
+
+    preprocess = clip_preprocess(config.clip)
+    ds = ray.data.from_items([{"shard_id": s} for s in shard_ids], override_num_blocks=len(shard_ids))
+    # ray_remote_args_fn keeps Ray Data from fusing this stage into the actors' (it fuses a task map into the
+    # actor map after it when their resources match): decoding must stay out of the model's processes.
+    ds = ds.map_batches(_decode_batch, batch_size=1, num_cpus=decode.num_cpus, concurrency=decode.concurrency,
+                        ray_remote_args_fn=functools.partial(dict, num_cpus=decode.num_cpus),
+                        fn_kwargs={"ingest_dir": str(ingest_dir), "preprocess": preprocess,
+                                   "batch_size": config.clip.batch_size})
+    return ds.map_batches(
+        scorer_cls, batch_size=1,
+        fn_constructor_kwargs={"config": config, "torch_threads": pool.torch_threads,
+                               "preprocess_repr": repr(preprocess)},
+        compute=ray.data.ActorPoolStrategy(size=pool.size), num_cpus=pool.num_cpus, num_gpus=pool.num_gpus or None,
+    )
+
+
+def _score_pending(ingest_dir: StoragePath, step: StepDir, config: ScoreConfig, pending: Sequence[str],
+                   pool: ActorPoolConfig, decode: "DecodeConfig", scorer_cls: type = ClipScorer) -> None:
+    """Stream every pending shard through the two stages; a shard's scores file and done record are written
+    (here, on the driver) as soon as all its chunks are scored, so a killed run resumes shard by shard."""
+    from pipelines.ray_env import init_ray
+
+    init_ray()
+    ds = scoring_dataset(ingest_dir, config, pending, pool, decode, scorer_cls)
+    partial: dict[str, list[dict[str, Any]]] = {}
+    written: set[str] = set()
+    for row in ds.iter_rows():
+        shard_id = str(row["shard_id"])
+        got = partial.setdefault(shard_id, [])
+        got.append(row)
+        if len(got) == int(row["n_chunks"]):
+            table = assemble_scores(config, row["emb"].shape[-1], got)
+            atomic_write_parquet(shard_path(step.root, shard_id), table)
+            scored = pc.sum(pc.is_valid(table["clip_score"])).as_py() or 0
+            step.mark_done(shard_id, {"rows": table.num_rows, "scored": scored})
+            written.add(shard_id)
+            del partial[shard_id]
+    missing = set(pending) - written
+    if missing:
+        raise RuntimeError(f"scoring returned incomplete results for shards {sorted(missing)}")
 
 
 def score(ingest_dir: Where, score_dir: Where, config: ScoreConfig,
-          pool: ActorPoolConfig = ActorPoolConfig()) -> dict[str, Any]:
-    """Pass 1: CLIP-score every ingest shard into `score_dir/shards/`. Returns the step manifest."""
+          pool: ActorPoolConfig = ActorPoolConfig(), decode: "DecodeConfig | None" = None) -> dict[str, Any]:
+    """Pass 1: CLIP-score every ingest shard into `score_dir/shards/`. Returns the step manifest.
+
+    Decoding and CLIP preprocessing run as CPU Ray Data tasks (`decode`), the model on an actor pool (`pool`,
+    GPUs per actor with ClipConfig.device "cuda"); neither is part of the step key."""
     ingest_dir, score_dir = _absolute(ingest_dir), _absolute(score_dir)
     ingest = finished_manifest(ingest_dir, "ingest")
     shard_ids = shard_ids_of(ingest)
@@ -354,11 +518,7 @@ def score(ingest_dir: Where, score_dir: Where, config: ScoreConfig,
     pending = step.pending(shard_ids)
     if pending:
         check_clip_source(config.clip)
-        map_shards_on_actor_pool(
-            ShardScorer,
-            {"config": config, "ingest_dir": str(ingest_dir), "step": step, "torch_threads": pool.torch_threads},
-            pending, pool,
-        )
+        _score_pending(ingest_dir, step, config, pending, pool, decode or DecodeConfig())
     step.finish(shard_ids, clip={"model_name": config.clip.model_name, "pretrained": config.clip.pretrained},
                 config=dataclasses.asdict(config), elapsed_s=round(time.monotonic() - started, 2))
     return step.manifest()  # as read back: JSON types, like a rerun returns
@@ -520,7 +680,7 @@ def curate(ingest_dir: Where, curate_dir: Where, config: CurateConfig, *,
     To select again with other thresholds, call with a new `curate_dir` and the same `score_dir`.
     """
     score_dir = storage.path(curate_dir) / "scores" if score_dir is None else storage.path(score_dir)
-    score(ingest_dir, score_dir, config.score, config.pool)
+    score(ingest_dir, score_dir, config.score, config.pool, config.decode)
     return select(ingest_dir, score_dir, curate_dir, config.select, search_index=config.search_index)
 
 

@@ -521,3 +521,106 @@ def test_near_duplicates_at_the_demo_size(ray_session, clip_dir, tmp_path):
               f"{results[name][1]} of {clean}")
     missed, false, clean = results["index + pixel check"]
     assert missed == [] and false <= 0.01 * clean
+
+
+# -- the scoring pipeline's two stages ----------------------------------------------------------------------
+def test_model_actors_receive_pixels_never_image_bytes(ray_session, clip_dir, tmp_path):
+    """Decoding and CLIP preprocessing run in the CPU decode tasks: what each model actor's __call__ gets is
+    pixel tensors (one forward pass each) with row numbers and captions, never image bytes. The shards it writes
+    equal the one-process scorer's (same CLIP, same threads)."""
+    from pipelines.curate import ClipScorer, DecodeConfig, ShardScorer, _score_pending, shard_path
+    from pipelines.step import ActorPoolConfig
+
+    paths, _ = demo_corpus(tmp_path / "corpus", 50, seed=4)
+    ingest = write_ingest_like(paths, tmp_path / "ingest", rows_per_shard=20)
+    seen = tmp_path / "seen"
+    seen.mkdir()
+
+    class Recording(ClipScorer):
+        def __init__(self, *args, **kwargs):
+            import os
+
+            import pipelines.curate as in_actor
+
+            def no_decoding_here(data):  # decoding in this process would be counted, and fail the shard
+                with open(seen / f"decoded_in_actor_{os.getpid()}", "a") as f:
+                    f.write("x")
+                raise AssertionError("decode_image called in a model actor")
+
+            in_actor.decode_image = no_decoding_here
+            super().__init__(*args, **kwargs)
+
+        def __call__(self, batch):
+            import os
+
+            import numpy as np
+
+            record = {k: [str(v.dtype), list(v.shape),
+                          bool(v.dtype == object and any(isinstance(x, bytes) for x in v.ravel()))]
+                      for k, v in batch.items()}
+            with open(seen / f"{os.getpid()}.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+            assert not any(np.asarray(v).dtype.kind == "S" for v in batch.values())
+            return super().__call__(batch)
+
+    config = ScoreConfig(clip=ClipConfig.tiny(clip_dir, batch_size=8), unsafe_concepts=STAND_IN_UNSAFE,
+                         safe_concepts=STAND_IN_SAFE)
+    step = StepDir.open(tmp_path / "scores", "curate_score", config, [ingest["key"]])
+    shard_ids = [s["shard_id"] for s in ingest["shards"]]
+    _score_pending(storage_path(tmp_path / "ingest"), step, config, shard_ids, ActorPoolConfig(size=2),
+                   DecodeConfig(num_cpus=0.5), scorer_cls=Recording)
+    calls = [json.loads(line) for f in seen.glob("*.jsonl") for line in f.read_text().splitlines()]
+    assert not list(seen.glob("decoded_in_actor_*"))
+    assert calls and all(step.is_done(s) for s in shard_ids)
+    for call in calls:
+        assert "image" not in call and not any(bytes_ for _, _, bytes_ in call.values())
+        assert call["pixels"][:2] == ["float32", [1, 8, 3, 32, 32]]  # (calls, batch_size, C, H, W): decoded
+    one_process = ShardScorer(config, str(tmp_path / "ingest"), step, torch_threads=1)
+    for shard_id in shard_ids:
+        expected = one_process.score_shard(shard_path(tmp_path / "ingest", shard_id))
+        assert pq.read_table(str(shard_path(tmp_path / "scores", shard_id))).equals(expected)
+        assert expected.num_rows == 20 or shard_id == shard_ids[-1]
+
+
+def storage_path(p):
+    from pipelines import storage
+
+    return storage.path(p)
+
+
+def test_pool_and_decode_resources_flow_from_the_pipeline_config(monkeypatch):
+    """`--set curate.pool.num_gpus=0.5` and friends reach the Ray Data calls: the decode tasks' CPUs, the model
+    actors' CPUs, GPUs (fractional) and pool size."""
+    import ray
+
+    import pipelines.curate as curate_mod
+    from pipelines.pipeline_config import load_pipeline_config
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    config = load_pipeline_config(str(root / "cluster" / "run" / "paper.toml"), [
+        "run_dir=/tmp/imagen-config-test", "curate.pool.num_gpus=0.5", "curate.pool.num_cpus=0.25",
+        "curate.pool.size=3", "curate.decode.num_cpus=1.5", "curate.score.clip.batch_size=16"])
+    assert (config.curate.pool.num_gpus, config.curate.pool.num_cpus, config.curate.decode.num_cpus) == (0.5, 0.25, 1.5)
+    paper = load_pipeline_config(str(root / "cluster" / "run" / "paper.toml"))
+    assert paper.curate.pool.num_gpus > 0 and paper.curate.score.clip.device == "cuda"
+    assert paper.embed.pool.num_gpus > 0 and paper.embed.device == "cuda"
+
+    calls = []
+
+    class Recorder:
+        def map_batches(self, fn, **kwargs):
+            calls.append((fn, kwargs))
+            return self
+
+    monkeypatch.setattr(ray.data, "from_items", lambda items, **kw: calls.append((items, kw)) or Recorder())
+    monkeypatch.setattr(curate_mod, "clip_preprocess", lambda clip: "the CLIP transform")
+    curate_mod.scoring_dataset(storage_path("/tmp/ingest"), config.curate.score, ["00000", "00001"],
+                               config.curate.pool, config.curate.decode)
+    (items, source), (decode_fn, decode), (actor, model) = calls
+    assert source["override_num_blocks"] == 2 and len(items) == 2  # one decode task per shard
+    assert decode["num_cpus"] == 1.5 and "compute" not in decode  # tasks, not actors
+    assert decode["ray_remote_args_fn"]() == {"num_cpus": 1.5}  # (and never fused into the actors)
+    assert decode["fn_kwargs"]["preprocess"] == "the CLIP transform" and decode["fn_kwargs"]["batch_size"] == 16
+    assert actor is curate_mod.ClipScorer
+    assert (model["num_cpus"], model["num_gpus"]) == (0.25, 0.5)
+    assert isinstance(model["compute"], ray.data.ActorPoolStrategy) and model["compute"].max_size == 3
