@@ -1,7 +1,8 @@
 """`imagen demo` (= `imagen run` of the shipped demo config, scaled down by --set only) with every step's output in
 a bucket of a real S3-compatible server on 127.0.0.1, and MLflow's artifacts proxied into the same bucket: each
 step's objects are there with its manifest, nothing of the run lands on the local disk but the log (copied to the
-bucket at the end) and the demo's served corpus; a rerun finds every step done."""
+bucket at the end) and the demo's served corpus; `imagen status` reads the run from the bucket; a rerun finds every
+step done."""
 from __future__ import annotations
 
 import json
@@ -54,6 +55,9 @@ def test_demo_with_every_step_on_s3(s3, tmp_path):
         assert state["state"] == "done" and all(s["state"] == "done" for s in state["steps"].values())
         local = [p for p in (tmp_path / "cache" / "runs").rglob("*") if p.is_file()]  # the run's local folder
         assert local and all(p.name == "run.log" or "corpus" in p.parts or "clip" in p.parts for p in local), local
+        status = subprocess.run([sys.executable, "-m", "jobs.cli", "status", run_dir], cwd=ROOT, capture_output=True,
+                                text=True, timeout=120, env=env)
+        assert status.returncode == 0 and "run: done" in status.stdout and "6/6 steps" in status.stdout, status
         client = MlflowClient(uri)
         assert client.get_registered_model("imagen-demo").aliases.get("champion") is not None
 
