@@ -28,13 +28,13 @@ import os
 import pathlib
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 
 import pytest
+from s3_server import free_port as _free_port
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 BIN = pathlib.Path(sys.executable).parent
@@ -76,10 +76,6 @@ sys.stdin.read()  # hold the CPUs until this driver is killed
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _node_processes(marker: str) -> list:

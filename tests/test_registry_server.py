@@ -4,7 +4,6 @@ from __future__ import annotations
 import os
 import pathlib
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -12,6 +11,7 @@ import time
 import mlflow
 import pandas as pd
 import pytest
+from s3_server import free_port as _free_port
 
 from pipelines.registry.evaluate import EvalConfig, evaluate_stage
 from pipelines.registry.loading import load_cascade
@@ -24,10 +24,6 @@ pytest_plugins = ["test_registry_common"]  # its session fixtures (stages, held-
 STARTUP_DEADLINE_S = 120
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_healthy(process: subprocess.Popen, uri: str, log: pathlib.Path) -> float:

@@ -8,14 +8,11 @@ import threading
 import time
 
 import pytest
+from s3_server import free_port as _free_port
 
 from pipelines.tracking import TrackingUnavailable, check_tracking
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _timed_failure(uri: str, timeout_s: float) -> tuple[str, float]:
