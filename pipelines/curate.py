@@ -479,7 +479,12 @@ def scoring_dataset(ingest_dir: StoragePath, config: ScoreConfig, shard_ids: Seq
 def _score_pending(ingest_dir: StoragePath, step: StepDir, config: ScoreConfig, pending: Sequence[str],
                    pool: ActorPoolConfig, decode: "DecodeConfig", scorer_cls: type = ClipScorer) -> None:
     """Stream every pending shard through the two stages; a shard's scores file and done record are written
-    (here, on the driver) as soon as all its chunks are scored, so a killed run resumes shard by shard."""
+    (here, on the driver) as soon as all its chunks are scored, so a killed run resumes shard by shard.
+
+    Limit: every row's scores pass through this process (about 2.5 KB a row with a 512-wide embedding: the
+    embedding, thumbnail and scores), so one driver core caps scoring at some tens of thousands of rows a
+    second, which is about a hundred GPU nodes' worth. Past that the assembly belongs in a distributed stage
+    (scored chunks written as parts by the actors, merged per shard by a task)."""
     from pipelines.ray_env import init_ray
 
     init_ray()
