@@ -33,6 +33,17 @@ def _artifact_dir(model: str, version: str) -> pathlib.Path:
     return pathlib.Path(urllib.parse.urlparse(uri).path)
 
 
+def test_register_into_a_training_run_of_another_experiment_than_the_active_one(registry, stage_dirs):
+    """A process whose active experiment is not the training run's (any earlier set_experiment) still registers
+    into the training run: MLflow's start_run(run_id=...) alone refuses that."""
+    mlflow.set_experiment("trainings-elsewhere")
+    with mlflow.start_run(run_name="train-base") as run:
+        pass
+    mlflow.set_experiment(EXPERIMENT)
+    version = _register(stage_dirs["base"], "other-exp", training_run_id=run.info.run_id)
+    assert mlflow.MlflowClient().get_model_version("other-exp-base", version).run_id == run.info.run_id
+
+
 def test_register_records_provenance_and_sets_challenger(registry, stage_dirs, tmp_path):
     manifest = tmp_path / "manifest.json"
     manifest.write_text('{"key": "abc"}')

@@ -166,6 +166,9 @@ def _experiment_id(config: RegisterConfig) -> str:
 
 def _start_run(config: RegisterConfig, run_name: str) -> mlflow.ActiveRun:
     if config.training_run_id:
+        # start_run(run_id=...) refuses a run of another experiment than the process's active one (set by any
+        # earlier set_experiment in this process): make the training run's experiment the active one.
+        mlflow.set_experiment(experiment_id=mlflow.get_run(config.training_run_id).info.experiment_id)
         return mlflow.start_run(run_id=config.training_run_id)
     return mlflow.start_run(experiment_id=_experiment_id(config), run_name=run_name)
 
