@@ -1,71 +1,29 @@
 """The registry flow against a real `mlflow server` on 127.0.0.1 (REST store, proxied artifacts)."""
 from __future__ import annotations
 
-import os
-import pathlib
-import signal
-import subprocess
-import sys
 import time
 
 import mlflow
 import pandas as pd
 import pytest
-from s3_server import free_port as _free_port
+from mlflow_server import mlflow_server as start_mlflow_server
 
 from pipelines.registry.evaluate import EvalConfig, evaluate_stage
 from pipelines.registry.loading import load_cascade
 from pipelines.registry.promote import list_stages, promote, rollback
 from pipelines.registry.register import CascadeSpec, RegisterConfig, register_cascade, register_stage
-from pipelines.tracking import TrackingUnavailable, check_tracking, configure_tracking
+from pipelines.tracking import configure_tracking
 
 pytest_plugins = ["test_registry_common"]  # its session fixtures (stages, held-out data) are shared
-
-STARTUP_DEADLINE_S = 120
-
-
-
-
-def _wait_healthy(process: subprocess.Popen, uri: str, log: pathlib.Path) -> float:
-    """Poll /health until it answers; fail at once if the server exits. Returns seconds taken."""
-    started = time.monotonic()
-    while time.monotonic() - started < STARTUP_DEADLINE_S:
-        try:
-            check_tracking(uri, timeout_s=1)
-            return time.monotonic() - started
-        except TrackingUnavailable:
-            try:  # waits up to 0.25 s for the process: a pause between polls that also notices a crash
-                code = process.wait(timeout=0.25)
-            except subprocess.TimeoutExpired:
-                continue
-            pytest.fail(f"mlflow server exited with {code}:\n{log.read_text()[-3000:]}")
-    pytest.fail(f"mlflow server not healthy after {STARTUP_DEADLINE_S} s:\n{log.read_text()[-3000:]}")
 
 
 @pytest.fixture()
 def mlflow_server(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")  # a test failure, not minutes of back-off
-    port = _free_port()
-    uri = f"http://127.0.0.1:{port}"
-    log = tmp_path / "server.log"
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    command = [
-        sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-        "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
-        "--artifacts-destination", str(tmp_path / "artifacts"),
-    ]
-    with open(log, "wb") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
-        print(f"mlflow server healthy after {_wait_healthy(process, uri, log):.1f} s")
-        yield uri
+        with start_mlflow_server(tmp_path, str(tmp_path / "artifacts")) as uri:
+            yield uri
     finally:
-        os.killpg(process.pid, signal.SIGTERM)  # the server and the worker it started, nothing else
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
         mlflow.set_tracking_uri(None)
 
 
