@@ -102,6 +102,14 @@ def _print_where_to_look(summary: dict[str, Any]) -> None:
           f"log file: {summary['log_file']}; imagen status {summary['run_dir']}")
 
 
+def _plan(args: argparse.Namespace) -> Any:
+    from pipelines.plan import PlanCommand, format_plan, plan
+
+    c = _config(PlanCommand, args)
+    print(format_plan(c, *plan(c)))
+    return None
+
+
 def _status(args: argparse.Namespace) -> Any:
     from pipelines.status import format_status, run_status
 
@@ -366,6 +374,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="the full state as JSON")
     p.set_defaults(run=_status, shorthands=())
 
+    _command(sub, "plan", _plan, "nodes x days, TB and dollars of a run, from the measured and stated unit costs",
+             "pairs, stages, steps, global_batch, keep_fraction, mfu, download_nodes, gpus, [prices], unit_costs", (
+                 Flag(("--pairs",), "pairs", "pairs in the URL list (400M, 5B)"),
+                 Flag(("--stages",), "stages", "cascade recipe (paper, demo, tiny)"),
+                 Flag(("--steps",), "steps", "training steps per stage", {"type": int}),
+                 Flag(("--gpus",), "gpus", "GPUs of the cluster", {"type": int}),
+                 Flag(("--mfu",), "mfu", "model FLOPs utilisation of training", {"type": float})))
     data = sub.add_parser("data", help="dataset steps").add_subparsers(dest="data_command", required=True)
     _command(data, "ingest", _ingest, "download a URL list with img2dataset into shards", "[ingest] (IngestConfig), [ray]", (
         Flag(("--urls",), "ingest.url_list.paths", "URL list files or folders (parquet/csv/tsv/jsonl)", {"nargs": "+"}),
