@@ -108,7 +108,7 @@ def measured_matmul_peak(device: torch.device, dtype: torch.dtype, n: int, secon
 def encoded_rows(stage: StageConfig, rows: int, text_dim: int, seed: int = 0) -> dict[str, np.ndarray]:
     """Embed-step-shaped rows: PNG bytes of demo-corpus scenes at the stage's size, 8-32 fp16 tokens of text
     (random values: the step's cost does not depend on them)."""
-    from pipelines.demo_corpus import encode, random_scene, render
+    from pipelines.demo.corpus import encode, random_scene, render
 
     rng = random.Random(seed)
     gen = np.random.default_rng(seed)

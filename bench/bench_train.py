@@ -58,7 +58,7 @@ def write_demo_embeddings(out: Path, num_rows: int, image_size: int) -> None:
 
     from imagen_core.recipes import tiny_text_encoder
     from imagen_core.text_encoder import build_text_encoder
-    from pipelines.demo_corpus import encode, random_scene, render
+    from pipelines.demo.corpus import encode, random_scene, render
     from pipelines.embed import EMBED_DIM_KEY, embeddings_column
 
     rng = random.Random(0)

@@ -28,7 +28,7 @@ def machine() -> str:
 def served_demo_corpus(work: Path, images: int, image_size: int = 256) -> Iterator[Any]:
     """A demo corpus of `images` rows (JPEGs of image_size px, junk included) under work/corpus, served on
     127.0.0.1 while the block runs; yields its DemoCorpusPaths (`.url_list` is what ingest reads)."""
-    from pipelines.demo_corpus import DemoCorpusConfig, serve_directory, write_demo_corpus
+    from pipelines.demo.corpus import DemoCorpusConfig, serve_directory, write_demo_corpus
 
     (work / "corpus" / "www").mkdir(parents=True)
     with serve_directory(work / "corpus" / "www") as server:

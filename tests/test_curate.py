@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipelines import demo_corpus as dc
+from pipelines.demo import corpus as dc
 from pipelines.clip_model import (TINY_CLIP_NAME, Clip, ClipConfig, ClipWeightsUnavailable, TinyClipFit,
                                   caption_separation, check_clip_source, fit_tiny_clip)
 from pipelines.curate import (AspectFilter, CaptionFilter, ClipScoreFilter, CurateConfig, NearDupFilter,

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipelines.demo_corpus import (
+from pipelines.demo.corpus import (
     JUNK_KINDS,
     DemoCorpusConfig,
     Scene,

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from imagen_core.text_encoder import TextEncoderConfig, build_text_encoder
-from pipelines import demo_corpus as dc
+from pipelines.demo import corpus as dc
 from pipelines.step import ActorPoolConfig
 from pipelines.embed import EmbedConfig, embed, read_embeddings, storage_stats
 from pipelines.step import StepDir, atomic_write_parquet

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipelines.demo_corpus import DemoCorpusConfig, serve_directory, write_demo_corpus
+from pipelines.demo.corpus import DemoCorpusConfig, serve_directory, write_demo_corpus
 from pipelines.fetch_policy import (
     FetchPolicyConfig,
     PolicyRefusal,

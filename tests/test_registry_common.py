@@ -17,7 +17,7 @@ from imagen_core.diffusion.samplers import SamplerConfig
 from imagen_core.recipes import stage_tiny_base, stage_tiny_sr
 from imagen_core.stage import DiffusionStage, StageConfig
 from imagen_core.text_encoder import build_text_encoder
-from pipelines.demo_corpus import random_scene, render
+from pipelines.demo.corpus import random_scene, render
 from pipelines.registry.checkpoints import save_stage
 from pipelines.registry.images import from_pil
 
@@ -44,7 +44,7 @@ def make_stage(config: StageConfig, seed: int) -> DiffusionStage:
 
 
 def demo_pairs(n: int, size: int, seed: int) -> tuple[torch.Tensor, list[str]]:
-    """Demo-corpus scenes (pipelines/demo_corpus.py) rendered at `size`: images in [-1, 1] and captions."""
+    """Demo-corpus scenes (pipelines/demo/corpus.py) rendered at `size`: images in [-1, 1] and captions."""
     rng = random.Random(seed)
     scenes = [random_scene(rng) for _ in range(n)]
     return torch.cat([from_pil(render(s, 16), size) for s in scenes]), [s.caption() for s in scenes]

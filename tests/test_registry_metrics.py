@@ -9,8 +9,8 @@ import pytest
 import scipy.linalg
 import torch
 
-from pipelines.demo_corpus import COLOURS, random_scene, render
-from pipelines.registry.colour import (
+from pipelines.demo.corpus import COLOURS, random_scene, render
+from pipelines.demo.colour import (
     background_accuracy,
     colour_accuracy,
     dominant_colour,

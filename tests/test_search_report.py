@@ -134,7 +134,7 @@ def test_report_accounts_for_every_row_and_logs_to_mlflow(curated, tmp_path):
 @pytest.mark.slow
 def test_ingest_curate_embed_end_to_end(ray_session, clip_config, tmp_path):
     from imagen_core.text_encoder import TextEncoderConfig
-    from pipelines.demo_corpus import DemoCorpusConfig, serve_directory, write_demo_corpus
+    from pipelines.demo.corpus import DemoCorpusConfig, serve_directory, write_demo_corpus
     from pipelines.embed import EmbedConfig, embed, read_embeddings, storage_stats
     from pipelines.fetch_policy import FetchPolicyConfig
     from pipelines.ingest import IngestConfig, run_ingest

@@ -183,7 +183,7 @@ def test_sr_stage_learns_to_use_its_lowres_input():
     from imagen_core.diffusion.augmentation import noise_augment
     from imagen_core.diffusion.schedule import alpha_sigma, logsnr_schedule
     from imagen_core.stage import resize_lowres
-    from pipelines.demo_corpus import random_scene, render
+    from pipelines.demo.corpus import random_scene, render
 
     torch.manual_seed(0)
     config = stage_tiny_sr()

@@ -62,7 +62,7 @@ def demo_select() -> Any:
 
 def _serve_corpus(root: pathlib.Path, options: DemoOptions, seed: int) -> tuple[Any, pathlib.Path]:
     """Write the corpus once and serve it on the port it was written for."""
-    from pipelines.demo_corpus import DemoCorpusConfig, serve_directory, write_demo_corpus
+    from pipelines.demo.corpus import DemoCorpusConfig, serve_directory, write_demo_corpus
 
     corpus_dir = root / "corpus"
     state = corpus_dir / "served.json"
@@ -86,7 +86,7 @@ def fit_demo_clip(root: pathlib.Path, seed: int) -> Any:
     """A tiny CLIP trained on separately generated pairs (other scenes than the corpus, like a model trained
     elsewhere); fitted once per run directory. Returns its ClipConfig."""
     from pipelines.clip_model import CHECKPOINT_FILE, ClipConfig, TinyClipFit, fit_tiny_clip
-    from pipelines.demo_corpus import random_scene, render
+    from pipelines.demo.corpus import random_scene, render
 
     folder = root / "clip"
     if not (folder / CHECKPOINT_FILE).is_file():  # written last by the fit
@@ -112,7 +112,7 @@ def unseen_prompts(url_list: pathlib.Path, count: int, seed: int) -> list[str]:
     """Captions of the demo's grammar that no row of the corpus (so no training row) has."""
     import pyarrow.parquet as pq
 
-    from pipelines.demo_corpus import random_scene
+    from pipelines.demo.corpus import random_scene
 
     seen = set(pq.read_table(url_list, columns=["caption"])["caption"].to_pylist())
     rng, prompts = random.Random(seed + 20_000), []
@@ -127,7 +127,7 @@ def sample_grid(config: Any, prompts: list[str]) -> dict[str, Any]:
     """The registered champion cascade, loaded back by alias, sampled for the prompts; the grid and the colour
     checks of its output after the base stage and after the last stage."""
     from pipelines.registry import load_cascade
-    from pipelines.registry.colour import background_accuracy, colour_accuracy
+    from pipelines.demo.colour import background_accuracy, colour_accuracy
     from pipelines.registry.images import png_bytes
     from pipelines.report import Cell, contact_sheet, save_png
     from pipelines.step import atomic_write_json

@@ -28,7 +28,7 @@ from imagen_core.diffusion.samplers import SamplerConfig
 from imagen_core.stage import DiffusionStage, resize_lowres
 from imagen_core.text_encoder import TextEncoder, build_text_encoder
 from pipelines.clip_model import Clip, ClipConfig
-from pipelines.registry.colour import colour_accuracy, prompt_colours
+from pipelines.demo.colour import colour_accuracy, prompt_colours
 from pipelines.registry.fid import FidConfig, InceptionUnavailable, fid
 from pipelines import storage
 from pipelines.registry.images import decode_png as decode_image_bytes

@@ -1,7 +1,7 @@
 """The demo corpus's task metric: do samples show the colours their prompts name?
 
 Demo captions read "a red circle at the top left and a blue star on the right on a green background"
-(pipelines/demo_corpus.py). Each pixel is classified as the nearest colour of the corpus palette (RGB distance;
+(pipelines/demo/corpus.py). Each pixel is classified as the nearest colour of the corpus palette (RGB distance;
 the palette's colours are far apart, so a sample that drifts a little still lands on the right name). A sample
 passes when
 - the background colour the prompt names is its dominant (most frequent) pixel colour, and
@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from pipelines.demo_corpus import COLOURS as DEMO_PALETTE
+from pipelines.demo.corpus import COLOURS as DEMO_PALETTE
 
 SYNONYMS = {"grey": "gray", "violet": "purple"}
 """Prompt words mapped to palette names."""
