@@ -304,6 +304,9 @@ def main() -> None:
     parser.add_argument("--peak-size", type=int, default=None, help="matmul side for the peak (8192 CUDA, 1024 CPU)")
     parser.add_argument("--peak-seconds", type=float, default=3.0)
     parser.add_argument("--threads", type=int, default=None, help="CPU: torch intra-op threads")
+    parser.add_argument("--record", action="store_true",
+                        help="CUDA bf16: write the measured peak and the lowest stage MFU into "
+                             "pipelines/configs/unit_costs.json, the unit costs `imagen plan` reads")
     args = parser.parse_args()
 
     device = torch.device(args.device)
@@ -341,6 +344,26 @@ def main() -> None:
         print(f"{r.name:<22}{r.params_m:>8.1f}M{r.batch:>7}{r.step_ms:>10.1f}{r.images_per_s:>10.1f}"
               f"{r.gflop_per_step:>12.1f}{r.achieved_tflops:>10.3f}{r.mfu:>8.1%}{r.data_wait:>11.1%}"
               f"{r.compile_s:>11.1f}{r.memory_gib:>9.2f}{r.loss_first:>8.3f}>{r.loss_last:.3f}")
+    if args.record:
+        if device.type != "cuda" or dtype != torch.bfloat16:
+            parser.error("--record takes a CUDA bf16 run: the planner's unit costs are a GPU's")
+        record_unit_costs(peak, min(r.mfu for r in results), f"bench/bench_gpu.py --size {args.size}, {machine(device)}")
+
+
+UNIT_COSTS = Path(__file__).resolve().parents[1] / "pipelines" / "configs" / "unit_costs.json"
+
+
+def record_unit_costs(peak: float, mfu: float, source: str, path: Path = UNIT_COSTS) -> None:
+    """The measured peak and MFU replace the stated ones in the file `imagen plan` reads."""
+    import datetime
+    import json
+
+    costs = json.loads(path.read_text())
+    measured = f"measured: {source}, {datetime.date.today().isoformat()}"
+    costs["gpu_bf16_peak_tflops"] = {"value": round(peak / 1e12, 1), "source": measured}
+    costs["train_mfu"] = {"value": round(mfu, 3), "source": measured}
+    path.write_text(json.dumps(costs, indent=2) + "\n")
+    print(f"recorded peak {peak / 1e12:.1f} TFLOP/s and MFU {mfu:.1%} in {path}")
 
 
 if __name__ == "__main__":

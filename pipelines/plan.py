@@ -24,6 +24,7 @@ from typing import Any
 from imagen_core.config_io import ConfigError
 
 UNIT_COSTS_FILE = "unit_costs.json"
+STATED_MFU = {"value": 0.45, "source": "stated: the GPU benchmark's goal on an H100"}
 
 
 @dataclasses.dataclass(kw_only=True, frozen=True)
@@ -50,8 +51,9 @@ class PlanCommand:
     """Share of the downloaded pairs curation keeps (cluster/run/paper.toml keeps 0.7 by CLIP-score percentile)."""
     download_success: float = 0.9
     """Share of the URLs that download (LAION-scale lists lose about a tenth to dead links)."""
-    mfu: float = 0.45
-    """Model FLOPs utilisation the training reaches (the GPU benchmark's goal on an H100)."""
+    mfu: float | None = None
+    """Model FLOPs utilisation of training; default: the unit-cost file's `train_mfu` (measured by
+    `bench/bench_gpu.py --record` on a GPU, else the stated 0.45, that benchmark's goal on an H100)."""
     download_nodes: int = 10
     """CPU nodes downloading at once."""
     gpus: int = 256
@@ -109,8 +111,10 @@ def plan(c: PlanCommand) -> tuple[list[Line], dict[str, float]]:
     """The table's lines and its totals (days end to end with the steps one after another, TB, dollars)."""
     costs = load_unit_costs(c.unit_costs)
     pairs = parse_count(c.pairs)
+    mfu_cost = costs.get("train_mfu", STATED_MFU) if c.mfu is None else {"value": c.mfu, "source": "given"}
+    mfu = mfu_cost["value"]
     for name, value in (("keep_fraction", c.keep_fraction), ("download_success", c.download_success),
-                        ("mfu", c.mfu)):
+                        ("mfu", mfu)):
         if not 0 < value <= 1:
             raise ConfigError(f"{name}={value} is outside (0, 1]")
     if c.stages not in costs["stages"]:
@@ -143,13 +147,14 @@ def plan(c: PlanCommand) -> tuple[list[Line], dict[str, float]]:
     images = c.steps * c.global_batch
     total_flops = sum(s["train_flops_per_image"] for s in stages)
     for stage in stages:
-        gpu_seconds = images * stage["train_flops_per_image"] / (peak * c.mfu)
+        gpu_seconds = images * stage["train_flops_per_image"] / (peak * mfu)
         share = stage["train_flops_per_image"] / total_flops  # GPUs split by work: the stages end together
         gpus = max(1, round(c.gpus * share))
-        per_gpu = peak * c.mfu / stage["train_flops_per_image"]
+        per_gpu = peak * mfu / stage["train_flops_per_image"]
         lines.append(Line(f"train {stage['recipe']}", f"{c.steps:,} steps x {c.global_batch} "
                           f"({per_gpu:,.0f} img/s/GPU)", f"{gpus} GPUs", _days(gpu_seconds / gpus),
-                          gpu_seconds / 3600 * c.prices.gpu_hour, stage["source"]))
+                          gpu_seconds / 3600 * c.prices.gpu_hour,
+                          f"{stage['source']}; MFU {mfu:.0%} {mfu_cost['source']}"))
 
     image_bytes = costs["image_bytes"]["value"]
     embed_bytes = encoder["mean_tokens"] * encoder["width"] * 2  # fp16, the real tokens only
@@ -160,12 +165,13 @@ def plan(c: PlanCommand) -> tuple[list[Line], dict[str, float]]:
     train_days = max(line.days for line in lines if line.step.startswith("train"))
     totals = {"days": sum(line.days for line in lines if not line.step.startswith("train")) + train_days,
               "tb": tb, "dollars": sum(line.dollars for line in lines)}
+    totals["mfu"] = mfu
     return lines, totals
 
 
 def format_plan(c: PlanCommand, lines: list[Line], totals: dict[str, float]) -> str:
     out = [f"plan: {_count(parse_count(c.pairs))} pairs -> the {c.stages} cascade, {c.steps:,} steps x "
-           f"{c.global_batch} per stage at {c.mfu:.0%} MFU; ${c.prices.gpu_hour}/GPU-h, "
+           f"{c.global_batch} per stage at {totals['mfu']:.0%} MFU; ${c.prices.gpu_hour}/GPU-h, "
            f"${c.prices.cpu_node_hour}/node-h, ${c.prices.tb_month}/TB-month",
            f"{'step':<26}{'work':<64}{'on':<16}{'days':>8}{'dollars':>14}  source"]
     for line in lines:

@@ -45,6 +45,11 @@ def test_the_unit_costs_come_from_the_file(tmp_path):
     for step in ("train paper_base_2b", "embed"):
         assert _line(faster, step).days == pytest.approx(_line(lines, step).days / 2)
     assert _line(faster, "ingest").days == pytest.approx(_line(lines, "ingest").days * 2)
+    costs["train_mfu"]["value"] /= 2  # what bench/bench_gpu.py --record writes after a GPU run
+    path.write_text(json.dumps(costs))
+    slower, totals = plan(PlanCommand(pairs="400M", unit_costs=str(path)))
+    assert totals["mfu"] == pytest.approx(load_unit_costs()["train_mfu"]["value"] / 2)
+    assert _line(slower, "train paper_base_2b").days == pytest.approx(_line(faster, "train paper_base_2b").days * 2)
     del costs["stages"]
     path.write_text(json.dumps(costs))
     with pytest.raises(ConfigError, match="bench_unit_costs.py"):
@@ -59,6 +64,18 @@ def test_the_shipped_flop_counts_are_the_recipes_of_today():
     for stage in load_unit_costs()["stages"]["tiny"]:
         flops, params = train_flops_per_image(stage["recipe"])
         assert (flops, params) == (stage["train_flops_per_image"], stage["params"]), stage
+
+
+def test_a_gpu_run_records_its_peak_and_mfu(tmp_path):
+    sys.path.insert(0, str(ROOT / "bench"))
+    from bench_gpu import UNIT_COSTS, record_unit_costs
+
+    path = tmp_path / "unit_costs.json"
+    path.write_text(UNIT_COSTS.read_text())
+    record_unit_costs(700e12, 0.41, "bench/bench_gpu.py --size m100, test GPU", path)
+    lines, totals = plan(PlanCommand(unit_costs=str(path)))
+    assert totals["mfu"] == 0.41 and load_unit_costs(str(path))["gpu_bf16_peak_tflops"]["value"] == 700.0
+    assert "MFU 41% measured: bench/bench_gpu.py" in _line(lines, "train paper_base_2b").source
 
 
 def test_plan_agrees_with_published_runs():
