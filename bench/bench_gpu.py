@@ -37,7 +37,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import cpu_model  # noqa: E402 - bench/ is on sys.path when a script here runs
+from common import UNIT_COSTS, cpu_model  # noqa: E402 - bench/ is on sys.path when a script here runs
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -348,9 +348,6 @@ def main() -> None:
         if device.type != "cuda" or dtype != torch.bfloat16:
             parser.error("--record takes a CUDA bf16 run: the planner's unit costs are a GPU's")
         record_unit_costs(peak, min(r.mfu for r in results), f"bench/bench_gpu.py --size {args.size}, {machine(device)}")
-
-
-UNIT_COSTS = Path(__file__).resolve().parents[1] / "pipelines" / "configs" / "unit_costs.json"
 
 
 def record_unit_costs(peak: float, mfu: float, source: str, path: Path = UNIT_COSTS) -> None:

@@ -22,9 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from common import machine  # noqa: E402 - bench/ is on sys.path when a script here runs
-
-OUT = ROOT / "pipelines" / "configs" / "unit_costs.json"
+from common import UNIT_COSTS as OUT, machine  # noqa: E402 - bench/ is on sys.path when a script here runs
 
 
 def train_flops_per_image(recipe: str) -> tuple[int, int]:
@@ -78,15 +76,13 @@ def main() -> None:
     costs = json.loads(OUT.read_text()) if OUT.exists() else {}
     today = datetime.date.today().isoformat()
     measured = f"measured: {args.source or '?'}, {today}"
-    for key, value, stated in (
-        ("download_samples_per_s_per_node", args.download_samples_per_s,
+    for key, value, default, stated in (
+        ("download_samples_per_s_per_node", args.download_samples_per_s, 1100.0,
          "stated: img2dataset's LAION runs, 1,000-1,300 samples/s per 16-core node"),
-        ("clip_images_per_s_per_gpu", args.clip_images_per_s,
+        ("clip_images_per_s_per_gpu", args.clip_images_per_s, 112.5,
          "stated: NeMo Curator's floor, 900 images/s per 8-GPU node"),
-        ("gpu_bf16_peak_tflops", args.gpu_peak_tflops, "stated: an H100's dense bf16 matmul peak as measured"),
+        ("gpu_bf16_peak_tflops", args.gpu_peak_tflops, 800.0, "stated: an H100's dense bf16 matmul peak as measured"),
     ):
-        default = {"download_samples_per_s_per_node": 1100.0, "clip_images_per_s_per_gpu": 112.5,
-                   "gpu_bf16_peak_tflops": 800.0}[key]
         if value is not None:
             costs[key] = {"value": value, "source": measured}
         else:

@@ -12,6 +12,10 @@ from pathlib import Path
 from typing import Any
 
 
+UNIT_COSTS = Path(__file__).resolve().parents[1] / "pipelines" / "configs" / "unit_costs.json"
+"""The unit costs `imagen plan` reads: bench_unit_costs.py writes them, bench_gpu.py --record adds its GPU's."""
+
+
 def cpu_model() -> str:
     return next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                 platform.processor() or "?")

@@ -24,7 +24,6 @@ from typing import Any
 from imagen_core.config_io import ConfigError
 
 UNIT_COSTS_FILE = "unit_costs.json"
-STATED_MFU = {"value": 0.45, "source": "stated: the GPU benchmark's goal on an H100"}
 
 
 @dataclasses.dataclass(kw_only=True, frozen=True)
@@ -87,7 +86,7 @@ def load_unit_costs(path: str | None = None) -> dict[str, Any]:
             raise ConfigError(f"unit_costs={path!r} cannot be read ({exc}); omit it for the shipped file") from exc
     costs = json.loads(text)
     missing = {"download_samples_per_s_per_node", "clip_images_per_s_per_gpu", "text_encoder",
-               "gpu_bf16_peak_tflops", "image_bytes", "stages"} - set(costs)
+               "gpu_bf16_peak_tflops", "train_mfu", "image_bytes", "stages"} - set(costs)
     if missing:
         raise ConfigError(f"{path} lacks {sorted(missing)}: rerun bench/bench_unit_costs.py to rewrite it")
     return costs
@@ -111,7 +110,7 @@ def plan(c: PlanCommand) -> tuple[list[Line], dict[str, float]]:
     """The table's lines and its totals (days end to end with the steps one after another, TB, dollars)."""
     costs = load_unit_costs(c.unit_costs)
     pairs = parse_count(c.pairs)
-    mfu_cost = costs.get("train_mfu", STATED_MFU) if c.mfu is None else {"value": c.mfu, "source": "given"}
+    mfu_cost = costs["train_mfu"] if c.mfu is None else {"value": c.mfu, "source": "given"}
     mfu = mfu_cost["value"]
     for name, value in (("keep_fraction", c.keep_fraction), ("download_success", c.download_success),
                         ("mfu", mfu)):
@@ -164,8 +163,7 @@ def plan(c: PlanCommand) -> tuple[list[Line], dict[str, float]]:
                       costs["image_bytes"]["source"]))
     train_days = max(line.days for line in lines if line.step.startswith("train"))
     totals = {"days": sum(line.days for line in lines if not line.step.startswith("train")) + train_days,
-              "tb": tb, "dollars": sum(line.dollars for line in lines)}
-    totals["mfu"] = mfu
+              "tb": tb, "dollars": sum(line.dollars for line in lines), "mfu": mfu}
     return lines, totals
 
 
