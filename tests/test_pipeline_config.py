@@ -152,6 +152,13 @@ def test_run_with_an_unreachable_tracking_server_fails_in_seconds(capsys, tmp_pa
     assert not (tmp_path / "run").exists()
 
 
+def test_run_with_missing_clip_weights_fails_in_seconds_before_any_step(capsys, tmp_path, url_list):
+    data = tiny_table(tmp_path, url_list)  # its CLIP is local-dir:/nowhere
+    code, err, seconds = _run_cli(capsys, ["run", _write_toml(tmp_path / "p.toml", data)])
+    assert code == 2 and "CLIP folder /nowhere lacks open_clip_config.json" in err and seconds < 30, err
+    assert not (tmp_path / "run" / "ingest").exists(), "no step ran"
+
+
 def test_run_names_a_bad_override(capsys, tmp_path, url_list):
     path = _write_toml(tmp_path / "p.toml", tiny_table(tmp_path, url_list))
     code, err, _ = _run_cli(capsys, ["run", path, "--set", "train.sr1.scaling.zero_stage=5"])

@@ -11,34 +11,22 @@ Layout (logical CPUs; the machine has 2 cores, Ray only counts them):
   workers are placed one on each. After the second node is stopped the holder goes, and the head alone fits both
   workers plus a CPU for Ray Data: the restarted training and then the SR stage run there.
 
-Token authentication: Ray 2.60 enables it for a `ray start --head` only when a token exists (~/.ray/auth_token),
-and clients (`ray job submit`, the state API) send the token only with RAY_AUTH_MODE=token. The test makes its own
-token and sets RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH for every process it starts; in this process it
-passes the token as an `Authorization: Bearer` header instead, leaving this process's Ray settings alone.
-
-Stopping: `ray stop` would stop every Ray on the machine (the other tests' too), so each node is stopped by
-signalling the processes whose command line names its temp dir and everything under them (SIGTERM, then
-SIGKILL), as `ray stop` does to all of them.
+The cluster (token authentication, stopping one node) is tests/ray_cluster.py.
 """
 from __future__ import annotations
 
 import contextlib
 import json
-import os
 import pathlib
 import secrets
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 
 import pytest
-from s3_server import free_port as _free_port
+from ray_cluster import Cluster, ray_cluster, stop_node
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-BIN = pathlib.Path(sys.executable).parent
-RAY = str(BIN / "ray")
 
 HEAD_CPUS, SECOND_CPUS, HELD_CPUS, TASK_CPUS = 4, 2, 1.5, 1.5
 BASE_STEPS, CHECKPOINT_EVERY = 12, 4
@@ -78,112 +66,10 @@ sys.stdin.read()  # hold the CPUs until this driver is killed
 
 
 
-def _node_processes(marker: str) -> list:
-    """Every process whose command line names `marker` (a node's temp dir), and all processes under them."""
-    import psutil
-
-    found = {}
-    for proc in psutil.process_iter(["cmdline"]):
-        with contextlib.suppress(psutil.Error):
-            if any(marker in arg for arg in proc.info["cmdline"] or ()):
-                found[proc.pid] = proc
-                found.update((child.pid, child) for child in proc.children(recursive=True))
-    found.pop(os.getpid(), None)
-    return list(found.values())
-
-
-def _stop_node(marker: str, grace_s: float = 10.0) -> int:
-    """`ray stop` for one node: SIGTERM its processes, SIGKILL what is left after `grace_s`."""
-    import psutil
-
-    procs = _node_processes(marker)
-    for proc in procs:
-        with contextlib.suppress(psutil.Error):
-            proc.terminate()
-    _, alive = psutil.wait_procs(procs, timeout=grace_s)
-    for proc in alive:
-        with contextlib.suppress(psutil.Error):
-            proc.kill()
-    psutil.wait_procs(alive, timeout=10)
-    return len(procs)
-
-
-class Cluster:
-    def __init__(self, base: pathlib.Path) -> None:
-        self.base = base
-        self.head_dir, self.second_dir = base / "head", base / "second"
-        token = base / "auth_token"
-        token.write_text(secrets.token_hex(32))
-        self.token = token.read_text()
-        # the job's own MLflow store is sqlite in its run directory: no tracking URI from this process
-        self.env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS" and not k.startswith("MLFLOW_")}
-        self.env.update(PATH=f"{BIN}{os.pathsep}{self.env.get('PATH', '')}", RAY_AUTH_MODE="token",
-                        RAY_AUTH_TOKEN_PATH=str(token), RAY_TMPDIR=str(base / "tmp"), RAY_USAGE_STATS_ENABLED="0")
-        self.gcs_port, self.dashboard_port = _free_port(), _free_port()
-        self.gcs = f"127.0.0.1:{self.gcs_port}"
-        self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
-        self.headers = {"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"}
-
-    def ray(self, *args: str, timeout: float = 300) -> str:
-        done = subprocess.run([RAY, *args], env=self.env, capture_output=True, text=True, timeout=timeout)
-        assert done.returncode == 0, f"ray {' '.join(args)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
-        return done.stdout + done.stderr
-
-    def start(self) -> None:
-        self.ray("start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(self.gcs_port),
-                 "--num-cpus", str(HEAD_CPUS), "--resources", json.dumps({"head_node": 1}),
-                 "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
-                 "--dashboard-port", str(self.dashboard_port), "--dashboard-agent-listen-port", str(_free_port()),
-                 "--temp-dir", str(self.head_dir), "--disable-usage-stats")
-        self.ray("start", "--address", self.gcs, "--node-ip-address", "127.0.0.1", "--num-cpus", str(SECOND_CPUS),
-                 "--resources", json.dumps({"second_node": 1}), "--dashboard-agent-listen-port", str(_free_port()),
-                 "--temp-dir", str(self.second_dir), "--disable-usage-stats")
-
-    def jobs(self):
-        from ray.job_submission import JobSubmissionClient
-
-        return JobSubmissionClient(self.dashboard, headers=self.headers)
-
-    def state(self, resource: str, **filters: str) -> list[dict]:
-        from ray.util.state.api import StateApiClient
-        from ray.util.state.common import ListApiOptions, StateResource
-
-        client = StateApiClient(address=self.dashboard, headers=self.headers)
-        options = ListApiOptions(limit=10_000, detail=True, timeout=60,
-                                 filters=[(k, "=", v) for k, v in filters.items()])
-        return [s if isinstance(s, dict) else s.__dict__ for s in
-                client.list(StateResource(resource), options=options, raise_on_missing_output=False)]
-
-    def raylet_of(self, marker: pathlib.Path) -> tuple[object, dict[str, str]]:
-        """A node's raylet process and its flags (the node id, its static resources)."""
-        for proc in _node_processes(str(marker)):
-            cmdline = proc.cmdline()
-            if cmdline and pathlib.Path(cmdline[0]).name == "raylet":
-                return proc, dict(a[2:].split("=", 1) for a in cmdline[1:] if a.startswith("--") and "=" in a)
-        raise AssertionError(f"no raylet runs with {marker}")
-
-    def stop(self) -> None:
-        for marker in (self.second_dir, self.head_dir):
-            _stop_node(str(marker))
-
-
 @pytest.fixture
 def cluster():
-    from ray._private.utils import get_dashboard_dependency_error
-
-    if (missing := get_dashboard_dependency_error()) is not None:  # the job server is part of the dashboard
-        pytest.fail(f"Ray Jobs need the dashboard, which needs ray[default] ({missing}): the project's "
-                    "dependency should be ray[default,data,train]")
-    # The node's sockets live under <temp-dir>/session_<date>_<pid>/sockets/: tmp_path is too long for a Unix
-    # socket path (108 bytes), so the cluster's temp dirs are a short directory under /tmp.
-    base = pathlib.Path(tempfile.mkdtemp(prefix="imagen-ray-", dir="/tmp"))
-    c = Cluster(base)
-    try:
-        c.start()
-        yield c
-    finally:
-        c.stop()
-        shutil.rmtree(base, ignore_errors=True)
+    with ray_cluster(HEAD_CPUS, SECOND_CPUS) as started:
+        yield started
 
 
 def _state(run: pathlib.Path) -> dict:
@@ -253,7 +139,7 @@ def test_demo_job_survives_losing_a_node(cluster: Cluster, tmp_path: pathlib.Pat
                 assert not status.is_terminal(), f"the job ended ({status}) before the node was stopped:\n{logs()}"
                 assert polled < deadline, f"train_base did not get past a checkpoint in time: {_state(run)}\n{logs()}"
             time.sleep(0.2)
-        assert _stop_node(str(cluster.second_dir)) > 0
+        assert stop_node(str(cluster.second_dir)) > 0
         assert not second_raylet.is_running()
         stopped_at = step
         assert _state(run)["steps"]["train_base"]["state"] == "running"
