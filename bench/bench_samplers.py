@@ -16,7 +16,6 @@ holds the champion stages, heldout/ the held-out pairs, clip/ the fitted CLIP, s
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import json
 import pathlib

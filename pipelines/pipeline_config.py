@@ -143,6 +143,11 @@ def default_tracking_uri(given: str | None, root: StoragePath) -> str:
         raise ConfigError(f"tracking_uri: run_dir {root} is in an object store, where an MLflow sqlite database "
                           "cannot live; set tracking_uri (or $MLFLOW_TRACKING_URI) to your MLflow server, e.g. "
                           "http://mlflow:5000")
+    return run_dir_tracking_uri(root)
+
+
+def run_dir_tracking_uri(root: StoragePath) -> str:
+    """The default MLflow store of a local run: a sqlite database in run_dir, created with it."""
     return f"sqlite:///{root.local / 'mlflow.db'}"
 
 

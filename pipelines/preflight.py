@@ -70,6 +70,7 @@ def check_stages(config: PipelineConfig) -> None:
 def preflight(config: PipelineConfig) -> dict[str, Any]:
     """Everything that can be checked before the first step; raises with the field to fix."""
     from pipelines.clip_model import check_clip_source
+    from pipelines.pipeline_config import run_dir_tracking_uri
     from pipelines.storage import check_writable
     from pipelines.tracking import check_tracking
     from pipelines.url_lists import validate_url_list
@@ -77,9 +78,10 @@ def preflight(config: PipelineConfig) -> dict[str, Any]:
     check_stages(config)
     files = validate_url_list(config.ingest.url_list)
     check_writable(config.root, "run_dir")  # a missing bucket, refused credentials, a read-only prefix
-    # The default database lives in run_dir itself, made when the run starts: the check above covers it.
-    in_run_dir = config.root.is_local and config.mlflow_uri == f"sqlite:///{config.root.local / 'mlflow.db'}"
-    tracking = config.mlflow_uri if in_run_dir and not config.root.local.exists() else check_tracking(config.mlflow_uri).uri
+    tracking = config.mlflow_uri
+    # The default database lives in run_dir, which the run creates after these checks: check_writable covers it.
+    if not (config.root.is_local and tracking == run_dir_tracking_uri(config.root) and not config.root.local.exists()):
+        tracking = check_tracking(tracking).uri
     check_clip_source(config.curate.score.clip)  # missing CLIP weights named now, not after the download
     if "clip_score" in config.evaluate.metrics and config.evaluate.clip is not None:
         check_clip_source(config.evaluate.clip)

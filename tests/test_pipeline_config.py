@@ -153,7 +153,8 @@ def test_run_with_an_unreachable_tracking_server_fails_in_seconds(capsys, tmp_pa
 
 
 def test_run_with_missing_clip_weights_fails_in_seconds_before_any_step(capsys, tmp_path, url_list):
-    data = tiny_table(tmp_path, url_list)  # its CLIP is local-dir:/nowhere
+    # Its CLIP is local-dir:/nowhere; on the way the default sqlite store in a run_dir not yet made passes.
+    data = tiny_table(tmp_path, url_list)
     code, err, seconds = _run_cli(capsys, ["run", _write_toml(tmp_path / "p.toml", data)])
     assert code == 2 and "CLIP folder /nowhere lacks open_clip_config.json" in err and seconds < 30, err
     assert not (tmp_path / "run" / "ingest").exists(), "no step ran"

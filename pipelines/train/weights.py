@@ -46,18 +46,15 @@ class FullWeights:
         import torch.distributed as dist
 
         target = dict(self.module.named_parameters()) if self.module is not None else {}
-        params = list(engine.module.named_parameters())
-        device = next(iter(engine.module.parameters())).device
-        for bucket in _buckets(params, GATHER_BUCKET_NUMEL):
-            total = sum(_full_numel(param) for _, param in bucket)
-            if not any(_partitioned(param) for _, param in bucket):  # ZeRO-0 in fp32: every rank has it whole
-                flat = None
-            else:
-                flat = torch.zeros(total, dtype=torch.float32, device=device)
+        for bucket in _buckets(list(engine.module.named_parameters()), GATHER_BUCKET_NUMEL):
+            flat = None  # no parameter of the bucket partitioned (ZeRO-0 in fp32): every rank has them whole
+            if any(_partitioned(param) for _, param in bucket):
+                flat = torch.zeros(sum(_full_numel(p) for _, p in bucket), dtype=torch.float32, device=engine.device)
                 offset = 0
                 for _, param in bucket:
-                    for start, fragment in _local_fp32_fragments(param):
-                        flat.narrow(0, offset + start, fragment.numel()).copy_(fragment.reshape(-1))
+                    if (fragment := _local_fp32_fragment(param)) is not None:
+                        start, values = fragment
+                        flat.narrow(0, offset + start, values.numel()).copy_(values.reshape(-1))
                     offset += _full_numel(param)
                 # Fragments are disjoint and zero elsewhere, so the sum is each value exactly (x + 0 == x).
                 dist.reduce(flat, dst=0)
@@ -66,7 +63,8 @@ class FullWeights:
             offset = 0
             for name, param in bucket:
                 numel = _full_numel(param)
-                value = param.detach().reshape(-1) if flat is None else flat.narrow(0, offset, numel)
+                # A parameter DeepSpeed does not partition (frozen, or ZeRO-0 in fp32) is whole and is the master.
+                value = flat.narrow(0, offset, numel) if _partitioned(param) else param.detach().reshape(-1)
                 target[name].copy_(value.reshape(target[name].shape))
                 offset += numel
         if self.module is not None:
@@ -114,9 +112,10 @@ def _full_numel(param: torch.nn.Parameter) -> int:
     return param.ds_numel if hasattr(param, "ds_id") else param.numel()
 
 
-def _local_fp32_fragments(param: torch.nn.Parameter) -> list[tuple[int, torch.Tensor]]:
-    """(offset in the flattened parameter, fp32 values) of the master's part this rank holds; DeepSpeed's
-    tensor-fragment API, the same one `safe_get_full_fp32_param` reads before its per-parameter all-reduce."""
+def _local_fp32_fragment(param: torch.nn.Parameter) -> tuple[int, torch.Tensor] | None:
+    """(offset in the flattened parameter, fp32 values) of the master's part this rank holds, or None when it
+    holds none; DeepSpeed's tensor-fragment API, the same one `safe_get_full_fp32_param` reads before its
+    per-parameter all-reduce."""
     if hasattr(param, "ds_id"):  # ZeRO-3: rank r holds elements [r * P, (r + 1) * P) of the padded flat tensor
         import torch.distributed as dist
         from deepspeed.utils import safe_get_local_fp32_param
@@ -124,11 +123,9 @@ def _local_fp32_fragments(param: torch.nn.Parameter) -> list[tuple[int, torch.Te
         local = safe_get_local_fp32_param(param).reshape(-1)
         start = dist.get_rank() * local.numel()
         valid = max(0, min(local.numel(), param.ds_numel - start))
-        return [(start, local[:valid])] if valid else []
+        return (start, local[:valid]) if valid else None
     mapping = getattr(param, "_hp_mapping", None)  # ZeRO 1/2 and the 16-bit optimisers; None: not on this rank
-    if mapping is None:
-        return []
-    return [(mapping.lp_fragment_address.start, mapping.get_hp_fragment())]
+    return None if mapping is None else (mapping.lp_fragment_address.start, mapping.get_hp_fragment())
 
 
 def _buckets(params: list[tuple[str, torch.nn.Parameter]], limit: int) -> list[list[tuple[str, torch.nn.Parameter]]]:
