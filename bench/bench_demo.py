@@ -46,8 +46,9 @@ def main() -> None:
     for name in state["order"]:
         print(f"| {name} | {state['steps'][name].get('seconds', '')} |")
     print(f"\nunseen prompts: {samples['prompts']}; background right {samples['cascade_background_accuracy']:.2f}, "
-          f"every named colour {samples['cascade_colour_accuracy']:.2f} (base alone: "
-          f"{samples['base_background_accuracy']:.2f}, {samples['base_colour_accuracy']:.2f})")
+          f"every named colour {samples['cascade_colour_accuracy']:.2f}, shapes in their cell "
+          f"{samples['cascade_position_accuracy']:.2f} (base alone: {samples['base_background_accuracy']:.2f}, "
+          f"{samples['base_colour_accuracy']:.2f}, {samples['base_position_accuracy']:.2f})")
     for shard in evaluate["shards"]:
         metrics = shard["metrics"]
         if "psnr" in metrics:

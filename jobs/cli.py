@@ -83,7 +83,8 @@ def _demo(args: argparse.Namespace) -> Any:
     samples = summary["samples"]
     print(f"\nsamples for prompts unseen in training: {samples['grid']}\n"
           f"background colour right in {samples['cascade_background_accuracy']:.2f} of them, every named colour "
-          f"shown in {samples['cascade_colour_accuracy']:.2f} (chance: about 1/13 for the background)")
+          f"shown in {samples['cascade_colour_accuracy']:.2f} (chance: about 1/13 for the background), each shape in "
+          f"its named cell in {samples['cascade_position_accuracy']:.2f}")
     for shard in summary["evaluate"]["shards"]:
         metrics = shard["metrics"]
         if "psnr" in metrics:
@@ -443,7 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
                  Flag(("--stage",), "stage", "stage name (base, sr1, ...)"),
                  Flag(("--version",), "version", "alias or version number (default challenger)"),
                  Flag(("--heldout",), "evaluate.heldout_dir", "held-out <key>.png + <key>.txt pairs"),
-                 Flag(("--metrics",), "evaluate.metrics", "eval_loss clip_score fid psnr colour_accuracy", {"nargs": "+"}),
+                 Flag(("--metrics",), "evaluate.metrics", "eval_loss clip_score fid psnr colour_accuracy position_accuracy", {"nargs": "+"}),
                  Flag(("--clip-model",), "evaluate.clip.model_name", "open_clip model for clip_score"),
                  Flag(("--clip-pretrained",), "evaluate.clip.pretrained", "its pretrained tag or checkpoint"),
                  *REGISTRY))

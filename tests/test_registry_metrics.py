@@ -1,6 +1,7 @@
 """Evaluation maths against hand-computed cases: Frechet distance, the colour classifier, metric directions."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 
@@ -9,12 +10,16 @@ import pytest
 import scipy.linalg
 import torch
 
-from pipelines.demo.corpus import COLOURS, random_scene, render
+from pipelines.demo.corpus import COLOURS, POSITIONS, random_scene, render
 from pipelines.demo.colour import (
+    PlacedShape,
     background_accuracy,
     colour_accuracy,
     dominant_colour,
+    position_accuracy,
     prompt_colours,
+    prompt_shapes,
+    shapes_in_cells,
     shows_prompted_colours,
 )
 from pipelines.registry.fid import (
@@ -116,6 +121,33 @@ def test_background_accuracy_on_demo_scenes():
         background_accuracy(images[:2], ["a red circle", "a photo"])
     with pytest.raises(ValueError, match="2 images but 1 prompts"):
         background_accuracy(images[:2], captions[:1])
+
+
+def test_prompt_shapes_read_colour_and_cell():
+    placed = prompt_shapes("a red circle at the top left and a grey star on the right on a blue background")
+    assert placed == (PlacedShape("red", "top left"), PlacedShape("gray", "right"))
+    assert prompt_shapes("a cyan ring at the top on a black background") == (PlacedShape("cyan", "top"),)
+    assert prompt_shapes("a red circle on a blue background") == ()  # no cell named
+
+
+def test_position_accuracy_on_demo_scenes():
+    images, captions = _scene_images(40, seed=5)
+    accuracy, scored = position_accuracy(images, captions)
+    assert accuracy == 1.0 and scored == sum(len(prompt_shapes(c)) for c in captions) > 40
+    # The same scenes captioned with every shape in another cell: the colours still match, the positions do not.
+    cells = list(POSITIONS)
+    rng = random.Random(5)
+    scenes = [random_scene(rng) for _ in range(40)]
+    moved = [dataclasses.replace(s, shapes=tuple(dataclasses.replace(x, position=cells[(cells.index(x.position) + 4) % 9])
+                                                 for x in s.shapes)).caption() for s in scenes]
+    assert colour_accuracy(images, moved)[0] == 1.0
+    wrong, _ = position_accuracy(images, moved)
+    print(f"position accuracy: true captions {accuracy:.2f}, shapes moved {wrong:.2f}")
+    assert wrong < 0.1
+    flat = torch.tensor(COLOURS["blue"], dtype=torch.float32).view(3, 1, 1).expand(3, 30, 30) / 127.5 - 1
+    assert shapes_in_cells(flat, "a red circle at the top left on a blue background") == [False]  # no red at all
+    with pytest.raises(ValueError, match="no prompt places a shape"):
+        position_accuracy(images[:1], ["a red circle on a blue background"])
 
 
 def test_metric_directions_and_improvements():

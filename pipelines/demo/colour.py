@@ -1,4 +1,4 @@
-"""The demo corpus's task metric: do samples show the colours their prompts name?
+"""The demo corpus's task metrics: do samples show the colours their prompts name, where they name them?
 
 Demo captions read "a red circle at the top left and a blue star on the right on a green background"
 (pipelines/demo/corpus.py). Each pixel is classified as the nearest colour of the corpus palette (RGB distance;
@@ -18,11 +18,16 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from pipelines.demo.corpus import COLOURS as DEMO_PALETTE
+from pipelines.demo.corpus import POSITIONS, SHAPES, position_phrase
 
 SYNONYMS = {"grey": "gray", "violet": "purple"}
 """Prompt words mapped to palette names."""
 _BACKGROUND = re.compile(r"\b(\w+) background\b")
 _WORD = re.compile(r"[a-z]+")
+_PLACES = {position_phrase(p): p for p in POSITIONS}
+_PLACED_SHAPE = re.compile(
+    rf"\b(\w+) ({'|'.join(SHAPES)}) ({'|'.join(sorted(map(re.escape, _PLACES), key=len, reverse=True))})\b"
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +36,24 @@ class PromptColours:
     """Colour of "on a <colour> background", if the prompt has one."""
     others: tuple[str, ...]
     """Other palette colours it names, in order of mention."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PlacedShape:
+    colour: str
+    """Palette name of the shape's colour."""
+    position: str
+    """Its cell of the 3x3 grid, a key of pipelines.demo.corpus.POSITIONS ("top left", "center", ...)."""
+
+
+def prompt_shapes(prompt: str, palette: Mapping[str, object] = DEMO_PALETTE) -> tuple[PlacedShape, ...]:
+    """Each shape a prompt places in a named cell with a palette colour, in order of mention."""
+    found = []
+    for colour, _, place in _PLACED_SHAPE.findall(prompt.lower()):
+        colour = SYNONYMS.get(colour, colour)
+        if colour in palette:
+            found.append(PlacedShape(colour, _PLACES[place]))
+    return tuple(found)
 
 
 def prompt_colours(prompt: str, palette: Mapping[str, object] = DEMO_PALETTE) -> PromptColours:
@@ -114,3 +137,43 @@ def colour_accuracy(
     if not scored:
         raise ValueError(f"no prompt names a colour of the palette {sorted(palette)}: colour accuracy is undefined")
     return sum(scored) / len(scored), len(scored)
+
+
+def shapes_in_cells(
+    image: torch.Tensor,
+    prompt: str,
+    min_fraction: float = 0.01,
+    palette: Mapping[str, tuple[int, int, int]] = DEMO_PALETTE,
+) -> list[bool]:
+    """For each shape the prompt places, whether one image (3, H, W) shows it in its cell (module docstring)."""
+    shapes = prompt_shapes(prompt, palette)
+    if not shapes:
+        return []
+    labels = classify_pixels(image[None], palette)[0]  # (H, W)
+    height, width = labels.shape
+    names = list(palette)
+    verdicts = []
+    for shape in shapes:
+        of_colour = labels == names.index(shape.colour)
+        total = int(of_colour.sum())
+        fx, fy = POSITIONS[shape.position]
+        row, col = min(int(fy * 3), 2), min(int(fx * 3), 2)
+        cell = of_colour[row * height // 3:(row + 1) * height // 3, col * width // 3:(col + 1) * width // 3]
+        same_colour = sum(s.colour == shape.colour for s in shapes)
+        verdicts.append(total >= min_fraction * height * width and int(cell.sum()) >= 0.5 * total / same_colour)
+    return verdicts
+
+
+def position_accuracy(
+    images: torch.Tensor,
+    prompts: Sequence[str],
+    min_fraction: float = 0.01,
+    palette: Mapping[str, tuple[int, int, int]] = DEMO_PALETTE,
+) -> tuple[float, int]:
+    """(share of placed shapes shown in their named cell, number of shapes scored). Raises if none is placed."""
+    if len(prompts) != images.shape[0]:
+        raise ValueError(f"position_accuracy got {images.shape[0]} images but {len(prompts)} prompts")
+    verdicts = [v for img, p in zip(images, prompts) for v in shapes_in_cells(img, p, min_fraction, palette)]
+    if not verdicts:
+        raise ValueError("no prompt places a shape of a palette colour in a named cell: position accuracy is undefined")
+    return sum(verdicts) / len(verdicts), len(verdicts)

@@ -155,7 +155,7 @@ class Scene:
     shapes: tuple[Shape, ...]
 
     def caption(self) -> str:
-        parts = [f"{_article(s.colour)} {s.colour} {s.shape} {_position_phrase(s.position)}" for s in self.shapes]
+        parts = [f"{_article(s.colour)} {s.colour} {s.shape} {position_phrase(s.position)}" for s in self.shapes]
         return f"{' and '.join(parts)} on {_article(self.background)} {self.background} background"
 
 
@@ -163,7 +163,8 @@ def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
-def _position_phrase(position: str) -> str:
+def position_phrase(position: str) -> str:
+    """How a caption names a position of the 3x3 grid ("at the top left", "on the right")."""
     return _POSITION_PHRASE.get(position, f"at the {position}")
 
 

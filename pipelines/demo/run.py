@@ -127,7 +127,7 @@ def sample_grid(config: Any, prompts: list[str]) -> dict[str, Any]:
     """The registered champion cascade, loaded back by alias, sampled for the prompts; the grid and the colour
     checks of its output after the base stage and after the last stage."""
     from pipelines.registry import load_cascade
-    from pipelines.demo.colour import background_accuracy, colour_accuracy
+    from pipelines.demo.colour import background_accuracy, colour_accuracy, position_accuracy
     from pipelines.registry.images import png_bytes
     from pipelines.report import Cell, contact_sheet, save_png
     from pipelines.step import atomic_write_json
@@ -140,6 +140,7 @@ def sample_grid(config: Any, prompts: list[str]) -> dict[str, Any]:
     for name, images in (("base", outputs[0]), ("cascade", outputs[-1])):
         checks[f"{name}_colour_accuracy"] = colour_accuracy(images, prompts)[0]
         checks[f"{name}_background_accuracy"] = background_accuracy(images, prompts)[0]
+        checks[f"{name}_position_accuracy"] = position_accuracy(images, prompts)[0]
     atomic_write_json(config.root / "samples.json", checks)
     return checks
 

@@ -10,6 +10,7 @@
 - psnr (SR stages): PSNR of the upsampled held-out images against the originals, with `psnr_bicubic`, the
   bicubic baseline the stage must beat.
 - colour_accuracy: share of samples showing the colours their prompts name (the demo corpus's task).
+- position_accuracy: share of the shapes the prompts place that the samples show in their named 3x3 cell.
 A super-resolution stage is sampled by upsampling the held-out images' downsampled copies, with their captions.
 Results go to the version's run (metrics `eval/<name>`) and to the version itself (tags `metric.<name>`).
 """
@@ -28,7 +29,7 @@ from imagen_core.diffusion.samplers import SamplerConfig
 from imagen_core.stage import DiffusionStage, resize_lowres
 from imagen_core.text_encoder import TextEncoder, build_text_encoder
 from pipelines.clip_model import Clip, ClipConfig
-from pipelines.demo.colour import colour_accuracy, prompt_colours
+from pipelines.demo.colour import colour_accuracy, position_accuracy, prompt_colours, prompt_shapes
 from pipelines.registry.fid import FidConfig, InceptionUnavailable, fid
 from pipelines import storage
 from pipelines.registry.images import decode_png as decode_image_bytes
@@ -38,7 +39,7 @@ from pipelines.registry.metrics import METRIC_TAG_PREFIX, RUN_METRIC_PREFIX
 from pipelines.step import canonical_json
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
-MetricName = Literal["eval_loss", "clip_score", "fid", "psnr", "colour_accuracy"]
+MetricName = Literal["eval_loss", "clip_score", "fid", "psnr", "colour_accuracy", "position_accuracy"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -251,6 +252,11 @@ def compute_metrics(stage: DiffusionStage, config: EvalConfig) -> EvalResult:
             metrics["colour_accuracy"], _ = colour_accuracy(samples, prompts, config.colour_min_fraction)
         else:
             notes.append("colour_accuracy skipped: no prompt names a palette colour")
+    if "position_accuracy" in wanted:
+        if any(prompt_shapes(p) for p in prompts):
+            metrics["position_accuracy"], _ = position_accuracy(samples, prompts, config.colour_min_fraction)
+        else:
+            notes.append("position_accuracy skipped: no prompt places a shape in a named cell")
     if "fid" in wanted:
         if heldout is None:
             notes.append("FID skipped: no held-out images (heldout_dir)")

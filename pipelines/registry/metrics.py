@@ -50,6 +50,7 @@ KNOWN_METRICS = {
     "fid": MetricSpec(name="fid", direction="min"),
     "clip_score": MetricSpec(name="clip_score", direction="max"),
     "colour_accuracy": MetricSpec(name="colour_accuracy", direction="max"),
+    "position_accuracy": MetricSpec(name="position_accuracy", direction="max"),
 }
 
 
