@@ -15,7 +15,7 @@ from torch import nn
 
 from imagen_core.diffusion.augmentation import noise_augment, sample_aug_levels
 from imagen_core.diffusion.guidance import apply_guidance, drop_condition_mask
-from imagen_core.diffusion.objective import Prediction, diffusion_loss, training_target, x0_from_output
+from imagen_core.diffusion.objective import Prediction, diffusion_loss, min_snr_weight, training_target, x0_from_output
 from imagen_core.diffusion.residual import from_residual, to_residual, upsample_lowres
 from imagen_core.diffusion.samplers import SamplerConfig, sample
 from imagen_core.diffusion.schedule import ScheduleConfig, alpha_sigma, logsnr_schedule
@@ -53,6 +53,10 @@ class StageConfig:
     """Default sampler for this stage (DDIM, 50 steps)."""
     guidance_scale: float = 7.5
     """Default classifier-free guidance scale at sampling (1.0 = plain conditional)."""
+    min_snr_gamma: float | None = None
+    """Training loss weighting: None is the unweighted MSE (Imagen); a number weighs each sample by Min-SNR-gamma
+    (Hang et al. 2023; diffusion/objective.py::min_snr_weight). Validation and evaluation losses stay unweighted,
+    so they compare across settings."""
     threshold_percentile: float | None = 0.995
     """Dynamic thresholding percentile (paper: 99.5%; imagen-pytorch's 0.95 is a known deviation); None clips
     to [-1, 1] (static thresholding, the paper's baseline)."""
@@ -72,6 +76,8 @@ class StageConfig:
                 f"stage {self.name!r}: residual_scale={self.residual_scale} needs a super-resolution stage "
                 "(lowres_size set) and a positive scale; use None to diffuse the image itself"
             )
+        if self.min_snr_gamma is not None and not self.min_snr_gamma > 0:
+            raise ValueError(f"min_snr_gamma must be positive (or None: unweighted), got {self.min_snr_gamma}")
         if self.threshold_percentile is not None and not 0.0 < self.threshold_percentile <= 1.0:
             raise ValueError(f"threshold_percentile must be in (0, 1], got {self.threshold_percentile}")
 
@@ -149,7 +155,10 @@ class DiffusionStage(nn.Module):
             lowres = resize_lowres(images, cfg.lowres_size) if lowres is None else lowres.float()
             aug_level = sample_aug_levels(batch, generator=generator, max_level=cfg.train_max_aug_level, device=device)
             aug_eps = torch.randn(lowres.shape, device=device, generator=generator, dtype=torch.float32)
-        return self.loss_at(images, text_embeds, text_mask, t, eps, lowres, aug_level, aug_eps)
+        loss = self.loss_at(images, text_embeds, text_mask, t, eps, lowres, aug_level, aug_eps)
+        if cfg.min_snr_gamma is not None:
+            loss = loss * min_snr_weight(logsnr_schedule(t, cfg.schedule), cfg.min_snr_gamma, cfg.prediction)
+        return loss
 
     def loss_at(
         self,

@@ -13,6 +13,7 @@ from imagen_core.diffusion import (
     dynamic_threshold,
     eps_from_x0,
     logsnr_schedule,
+    min_snr_weight,
     noise_augment,
     sample_aug_levels,
     sample_times,
@@ -126,6 +127,24 @@ def test_diffusion_loss_is_per_sample_mse():
     torch.testing.assert_close(diffusion_loss(output, target), torch.tensor([1.0, 1.0]))
     with pytest.raises(ValueError, match="shape"):
         diffusion_loss(output, target[:1])
+
+
+def test_min_snr_weight_is_the_x0_weight_min_snr_gamma_in_each_parameterisation():
+    logsnr = torch.log(torch.tensor([0.25, 1.0, 5.0, 20.0]))  # SNR 0.25, 1, 5, 20 with gamma 5
+    torch.testing.assert_close(min_snr_weight(logsnr, 5.0, "eps"), torch.tensor([1.0, 1.0, 1.0, 0.25]))
+    torch.testing.assert_close(min_snr_weight(logsnr, 5.0, "v"), torch.tensor([0.2, 0.5, 5 / 6, 5 / 21]))
+    # In x0 space both are min(SNR, gamma): the eps-MSE is SNR x the x0-MSE, the v-MSE (SNR + 1) x it.
+    x0, eps, alpha, sigma, x_t = _noised()
+    snr = (alpha / sigma) ** 2
+    wrong_x0 = x0 + 0.1 * torch.randn(x0.shape, generator=torch.Generator().manual_seed(1), dtype=x0.dtype)
+    for prediction in ("eps", "v"):  # the output a net would give for the estimate wrong_x0
+        output = training_target(wrong_x0, eps_from_x0(wrong_x0, x_t, alpha, sigma), alpha, sigma, prediction)
+        target = training_target(x0, eps, alpha, sigma, prediction)
+        weighted = diffusion_loss(output, target) * min_snr_weight(torch.log(snr), 5.0, prediction)
+        torch.testing.assert_close(weighted, diffusion_loss(wrong_x0, x0) * snr.clamp(max=5.0).float())
+    assert torch.isfinite(min_snr_weight(torch.tensor([200.0, -200.0]), 5.0, "v")).all()
+    with pytest.raises(ValueError, match="gamma must be positive"):
+        min_snr_weight(logsnr, 0.0, "v")
 
 
 def test_unknown_prediction_is_rejected():

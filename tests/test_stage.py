@@ -220,3 +220,28 @@ def test_sr_stage_learns_to_use_its_lowres_input():
     # full-resolution block the first was -1.2 dB (x0 worse than x_t: the net could not denoise single pixels).
     assert results[0.05][0] > results[0.05][1] + 1.5, "denoises at low noise"
     assert results[0.99][0] > _psnr(mean_image, test) + 3.0, "reconstructs from the low-res input at high noise"
+
+
+def test_min_snr_weighting_scales_each_training_sample_and_not_validation():
+    import dataclasses
+
+    from imagen_core.diffusion import logsnr_schedule, min_snr_weight
+
+    plain = stage_tiny_base()
+    weighted = dataclasses.replace(plain, min_snr_gamma=5.0)
+    torch.manual_seed(0)
+    a = DiffusionStage(plain)
+    b = DiffusionStage(weighted)
+    b.load_state_dict(a.state_dict())
+    images = torch.rand(4, 3, 16, 16) * 2 - 1
+    embeds, mask = torch.randn(4, 5, 64), torch.ones(4, 5, dtype=torch.bool)
+    unweighted = a(images, embeds, mask, generator=torch.Generator().manual_seed(3))
+    loss = b(images, embeds, mask, generator=torch.Generator().manual_seed(3))
+    t = torch.rand(4, generator=torch.Generator().manual_seed(3))  # forward's first draw
+    expected = unweighted * min_snr_weight(logsnr_schedule(t, plain.schedule), 5.0, plain.prediction)
+    torch.testing.assert_close(loss, expected)
+    assert not torch.allclose(loss, unweighted)
+    t_fixed, eps = torch.full((4,), 0.5), torch.randn(4, 3, 16, 16)
+    torch.testing.assert_close(b.loss_at(images, embeds, mask, t_fixed, eps), a.loss_at(images, embeds, mask, t_fixed, eps))
+    with pytest.raises(ValueError, match="min_snr_gamma must be positive"):
+        dataclasses.replace(plain, min_snr_gamma=0.0)

@@ -9,6 +9,7 @@ from imagen_core.diffusion.objective import (
     diffusion_loss,
     eps_from_x0,
     expand_like,
+    min_snr_weight,
     training_target,
     x0_from_output,
 )
@@ -38,6 +39,7 @@ __all__ = [
     "diffusion_loss",
     "drop_condition_mask",
     "dynamic_threshold",
+    "min_snr_weight",
     "eps_from_x0",
     "expand_like",
     "linear_logsnr",
