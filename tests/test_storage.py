@@ -76,7 +76,9 @@ def test_a_read_only_prefix_is_named_before_any_work_and_a_writable_one_passes(s
         monkeypatch.setenv(key, value)
 
     storage.check_writable(f"s3://{bucket}/runs/rw", "run_dir")  # same user, same bucket: allowed
-    assert storage.path(f"s3://{bucket}/runs/ro/inputs.txt").read_text() == "shared"  # read-only, not no-access
+    # The fixture's premise: the user may read the prefix (read-only, not no-access), asked of the server directly.
+    user = server.client(user_env["AWS_ACCESS_KEY_ID"], user_env["AWS_SECRET_ACCESS_KEY"])
+    assert user.get_object(Bucket=bucket, Key="runs/ro/inputs.txt")["Body"].read() == b"shared"
     with pytest.raises(storage.StorageError) as raised:
         storage.check_writable(f"s3://{bucket}/runs/ro", "run_dir")
     message = str(raised.value)
