@@ -88,6 +88,30 @@ def test_train_config_validation(tmp_path) -> None:
         OptimConfig(betas=(0.9, 1.0))
 
 
+@pytest.mark.parametrize("kind", ["adam", "adamw"])
+def test_fused_optimizer_steps_as_the_plain_loop(kind: str) -> None:
+    import torch
+
+    from pipelines.train.engine import build_optimizer
+
+    torch.manual_seed(0)
+    start = [torch.randn(7, 5), torch.randn(3)]
+    grads = [[torch.randn_like(p) for p in start] for _ in range(3)]
+    trained = {}
+    for fused in (True, False):
+        params = [torch.nn.Parameter(p.clone()) for p in start]
+        optim = build_optimizer(params, OptimConfig(kind=kind, lr=1e-2, weight_decay=0.1, fused=fused))
+        assert optim.defaults["fused"] is (True if fused else None)  # None: torch's per-tensor loop on CPU
+        for step_grads in grads:
+            for p, g in zip(params, step_grads):
+                p.grad = g.clone()
+            optim.step()
+        trained[fused] = params
+    for fused_p, loop_p in zip(trained[True], trained[False]):
+        torch.testing.assert_close(fused_p, loop_p, rtol=1e-6, atol=1e-7)
+    assert not torch.equal(trained[True][0], start[0])
+
+
 def test_train_config_round_trips_through_json(tmp_path) -> None:
     cfg = make_config(tmp_path, scaling=ScalingConfig(num_workers=2, zero_stage=3, activation_checkpointing=True))
     again = TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))

@@ -28,10 +28,12 @@ def lr_factor(step: int, schedule: ScheduleConfig, total_steps: int) -> float:
 
 
 def build_optimizer(params: Any, optim: OptimConfig) -> torch.optim.Optimizer:
-    if optim.kind == "adam":
-        return torch.optim.Adam(params, lr=optim.lr, betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay)
-    if optim.kind == "adamw":
-        return torch.optim.AdamW(params, lr=optim.lr, betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay)
+    if optim.kind in ("adam", "adamw"):
+        adam = torch.optim.Adam if optim.kind == "adam" else torch.optim.AdamW
+        # Not fused: None, torch's own choice (its foreach loop on GPU, the per-tensor loop on CPU); False would
+        # also turn foreach off.
+        return adam(params, lr=optim.lr, betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay,
+                    fused=optim.fused or None)
     # torch's Adafactor: the step is min(lr, 1/sqrt(step)) times the parameter's RMS (relative step sizes).
     return torch.optim.Adafactor(params, lr=optim.lr, weight_decay=optim.weight_decay)
 
