@@ -41,6 +41,20 @@ set them once where the driver runs (`ray job submit`'s shell, the RayJob's runt
 node. Node-specific values (an interface name that differs between the CPU head and the GPU nodes) belong in the
 nodes' own environment instead: a forwarded value replaces the node's. CUDA_VISIBLE_DEVICES is never forwarded
 (Ray assigns it per worker)."""
+LOCAL_RAY_ENV = {
+    # Ray Data's Parquet reader lists the files of every execution of a dataset (each training epoch, each data
+    # step) through a pool of FooterReader actors, 32 by default: each a worker process that imports Ray (about
+    # 1 s of CPU), most of them started only to be killed when the few local footers are read. Measured with 6
+    # local files, 3 reads on a 2-CPU Ray: 8 FooterReaders + 11 other short-lived workers and 79 s of CPU with
+    # 32, 3 + 2 and 39 s with 1.
+    "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": "1",
+    # Ray Train's preemption watcher, an actor per fit polling for node drains: one machine is never drained.
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    # The Train controller polls its workers every 2 s by default; a finished fit waited for the next poll.
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+}
+"""Settings for a local Ray that init_ray starts (never for a cluster it joins, where Ray's defaults suit many
+nodes and many files), handed to its workers unless this process's environment sets them."""
 JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 """Set by Ray in the driver of a submitted job: its job config, whose runtime_env.env_vars reach every worker."""
 
@@ -73,7 +87,7 @@ class RayConfig:
 
 def init_ray(config: RayConfig = RayConfig()) -> None:
     """Start a local Ray or join a cluster, forwarding the offline/accelerator/NCCL environment to workers
-    (`forwarded_env`)."""
+    (`forwarded_env`); a local Ray's workers also get LOCAL_RAY_ENV."""
     import ray
 
     if ray.is_initialized():
@@ -81,6 +95,8 @@ def init_ray(config: RayConfig = RayConfig()) -> None:
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     os.environ.setdefault("WANDB_MODE", "disabled")
     env_vars = forwarded_env()
+    if config.address is None and not os.environ.get("RAY_ADDRESS"):
+        env_vars = {**{k: v for k, v in LOCAL_RAY_ENV.items() if k not in os.environ}, **env_vars}
     ray.init(
         address=config.address,
         num_cpus=config.num_cpus if config.address is None else None,

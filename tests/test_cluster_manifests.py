@@ -381,3 +381,27 @@ def test_init_ray_hands_the_forwarded_variables_to_ray(monkeypatch):
     env_vars = seen["runtime_env"]["env_vars"]
     assert env_vars["NCCL_IB_DISABLE"] == "1" and env_vars["FI_EFA_FORK_SAFE"] == "1"
     assert env_vars["DS_ACCELERATOR"] == "cpu" and seen["address"] == "auto" and seen["num_cpus"] is None
+
+
+def test_a_local_ray_gets_the_local_settings_and_a_cluster_keeps_rays_defaults(monkeypatch):
+    """LOCAL_RAY_ENV (one Parquet footer reader, no preemption watcher, a 0.5 s Train poll) reaches the workers
+    of a Ray that init_ray starts here, unless this process sets a value itself; never those of a cluster."""
+    import ray
+
+    from pipelines import ray_env
+
+    seen = {}
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: seen.update(kwargs))
+    monkeypatch.delenv(ray_env.JOB_CONFIG_ENV, raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    for key in ray_env.LOCAL_RAY_ENV:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "3")  # the user's own value wins (Ray reads it here)
+    ray_env.init_ray(ray_env.RayConfig(num_cpus=2))
+    env_vars = seen["runtime_env"]["env_vars"]
+    assert env_vars["RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"] == "1"
+    assert env_vars["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0"
+    assert "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S" not in env_vars and seen["num_cpus"] == 2
+    ray_env.init_ray(ray_env.RayConfig(address="auto"))
+    assert not set(ray_env.LOCAL_RAY_ENV) & set(seen["runtime_env"]["env_vars"])

@@ -44,9 +44,21 @@ def noise_seed(seed: int, step: int, micro: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, step, micro, rank]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
+def skip_unused_deepspeed_ops() -> None:
+    """Leave out DeepSpeed's shared-memory all-reduce op: it serves CPU inference (tensor parallelism), is
+    JIT-compiled with g++ on its first use on a machine (about 21 s on 2 cores, twice as long on a busy one) and is
+    loaded by every process-group set-up (each rank of each fit); training collectives go through
+    torch.distributed (gloo on CPU, NCCL on GPU) either way."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # read by deepspeed.comm's TorchBackend
+
+
 def build_engine(config: TrainConfig, ds_config: dict[str, Any]) -> Any:
     """deepspeed.initialize on the process group Ray Train created (gloo on CPU, NCCL on GPU)."""
     import deepspeed
+
+    skip_unused_deepspeed_ops()
 
     sixteen_bit = ds_config["bf16"]["enabled"] or ds_config.get("fp16", {}).get("enabled", False)
     flattened = ds_config["zero_optimization"]["stage"] != 0 or sixteen_bit
