@@ -192,11 +192,12 @@ def bf16_data(tmp_path_factory) -> pathlib.Path:
 
 
 def _bf16_config(data_dir: pathlib.Path, out: pathlib.Path, zero: int):
-    from test_train_runs import deepspeed_json
+    from test_train_runs import deepspeed_json, shared_tracking
 
     out.mkdir(parents=True, exist_ok=True)
     config = tiny_train_config(data_dir, out, deepspeed_config=deepspeed_json(zero, out), total_steps=STEPS,
                                stop_at_step=STOP, run_name=f"bf16-zero{zero}")
+    config = shared_tracking(config, f"sqlite:///{data_dir.parent / 'bf16-mlflow.db'}")
     return dataclasses.replace(
         config,
         checkpoint=dataclasses.replace(config.checkpoint, every_steps=STOP),
