@@ -50,7 +50,9 @@ class ClipConfig:
     device: str = "cpu"
     """Torch device the model runs on."""
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"
-    """Weights precision (fp16/bf16 only on GPU)."""
+    """Weights precision (open_clip's: matmul weights in 16 bits, LayerNorm in fp32). "bf16" also runs on CPU:
+    on one with AVX512-BF16 (or AMX) it gives about 3x fp32's images/s, with scores within 0.01 of fp32's (see
+    docs/benchmarks.md); without those instructions it still works, more slowly. "fp16" only on GPU."""
     batch_size: int = 64
     """Images or captions per forward pass."""
 
@@ -69,6 +71,9 @@ class ClipConfig:
             )
         if self.batch_size < 1:
             raise ValueError(f"ClipConfig.batch_size must be >= 1, got {self.batch_size}")
+        if self.precision == "fp16" and self.device == "cpu":
+            raise ValueError('ClipConfig: precision "fp16" needs a GPU (CPUs lack fp16 matmuls); on CPU use "bf16" '
+                             '(about 3x fp32 on a CPU with AVX512-BF16) or "fp32"')
 
     @classmethod
     def tiny(cls, checkpoint: str | os.PathLike, **kwargs: Any) -> "ClipConfig":

@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 from PIL import Image
 
 from pipelines.demo import corpus as dc
@@ -197,6 +198,8 @@ def test_clip_config_and_missing_weights_errors():
         ClipConfig(model_name="ViT-B-32")
     with pytest.raises(ValueError, match="leave pretrained=None"):
         ClipConfig(model_name="local-dir:/x", pretrained="openai")
+    with pytest.raises(ValueError, match='"fp16" needs a GPU.*"bf16"'):
+        ClipConfig(model_name="local-dir:/x", precision="fp16")
     with pytest.raises(ClipWeightsUnavailable, match="HF_HUB_OFFLINE=1 is set.*fit_tiny_clip"):
         Clip(ClipConfig(model_name="ViT-B-32", pretrained="openai"))  # offline: fails at once
     with pytest.raises(ClipWeightsUnavailable, match="not found|Directory"):
@@ -221,6 +224,26 @@ def test_tiny_clip_separates_matched_from_mismatched_captions(clip_dir):
     # The same weights load by registered name + safetensors file, with the same preprocessing.
     by_name = Clip(ClipConfig(model_name=TINY_CLIP_NAME, pretrained=str(clip_dir / "open_clip_model.safetensors")))
     assert np.allclose(by_name.encode_images(images[:4]), clip.encode_images(images[:4]), atol=1e-5)
+
+
+def test_bf16_on_cpu_scores_like_fp32(clip_dir):
+    """bf16 CLIP on CPU (the fast path on CPUs with bf16 instructions) keeps what curation reads: each pair's
+    score within 0.01 of fp32's, the same matched-over-mismatched order for every pair, the same embeddings up to
+    rounding (centred, so the shared direction of all embeddings does not hide differences)."""
+    rng = random.Random(11)
+    scenes = [dc.random_scene(rng) for _ in range(128)]
+    images, captions = [dc.render(s, 64) for s in scenes], [s.caption() for s in scenes]
+    wrong = captions[1:] + captions[:1]
+    out = {}
+    for precision in ("fp32", "bf16"):
+        clip = Clip(ClipConfig.tiny(clip_dir, precision=precision))
+        emb = clip.encode_images(images)
+        out[precision] = emb, (emb * clip.encode_texts(captions)).sum(-1), (emb * clip.encode_texts(wrong)).sum(-1)
+    (e32, s32, w32), (e16, s16, w16) = out["fp32"], out["bf16"]
+    assert e16.dtype == torch.float32 and (s16 - s32).abs().max() < 0.01, (s16 - s32).abs().max()
+    assert torch.equal(s32 > w32, s16 > w16)
+    centred = torch.nn.functional.cosine_similarity(e32 - e32.mean(0), e16 - e32.mean(0))
+    assert centred.min() > 0.999, centred.min()
 
 
 # -- pure filter logic ----------------------------------------------------------------------------
