@@ -20,12 +20,12 @@ from pipelines.train.data import (
     Collate,
     DecodeImages,
     RandomCrop,
-    decode_image,
     held_out,
     pad_embeddings,
     parquet_files,
     text_embed_dim,
 )
+from pipelines.train.decode import decode_image
 
 from imagen_core.recipes import TINY_T5  # "imagen-asset:tiny-t5", shipped with the package
 COLOURS = {"red": (220, 30, 30), "green": (30, 160, 50), "blue": (30, 70, 220), "yellow": (245, 225, 30)}

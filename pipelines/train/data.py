@@ -29,8 +29,8 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 
 from pipelines import storage
 from pipelines.train.config import DataConfig
-# The functions Ray Data runs live in a torch-free module (see there); importable from here as before.
-from pipelines.train.decode import DecodeImages, SelectSplit, Split, decode_image, downsample, held_out  # noqa: F401
+# The functions Ray Data runs live in a torch-free module (see there).
+from pipelines.train.decode import DecodeImages, SelectSplit, Split, held_out
 
 COLUMNS = ("key", "caption", "image", "n_tokens", "text_embedding")
 """Columns of the embed step's Parquet (pipelines/embed.py) that training reads."""
