@@ -117,14 +117,39 @@ def _create(config: ClipConfig, **kwargs: Any) -> tuple[Any, Any]:
     return model, preprocess
 
 
-def clip_preprocess(config: ClipConfig) -> Any:
-    """The eval transform (PIL image -> (3, H, W) float32: resize, crop, normalise) that `Clip(config)` applies,
-    without loading weights: what CPU decode tasks run so that the model's actors receive pixels only."""
+@dataclass(frozen=True)
+class PixelTransform:
+    """open_clip's eval transform cut in two. `geometry` (resize, crop, RGB: PIL -> PIL) runs where images are
+    decoded and yields uint8 pixels; `mean` and `std` normalise them in `Clip.encode_pixels`, on the model's
+    device. Pixels cross processes (and the PCIe bus) as uint8, a quarter of float32's bytes, and the result is
+    the same tensor the whole transform gives (ToTensor is a /255 of the same values)."""
+
+    geometry: Any
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @classmethod
+    def of(cls, preprocess: Any) -> "PixelTransform":
+        from torchvision.transforms import Compose
+
+        *geometry, to_tensor, normalize = preprocess.transforms
+        if "ToTensor" not in type(to_tensor).__name__ or not hasattr(normalize, "mean"):
+            raise ValueError(f"expected open_clip's eval transform to end in ToTensor, Normalize: {preprocess}")
+        return cls(Compose(geometry), tuple(map(float, normalize.mean)), tuple(map(float, normalize.std)))
+
+    def __call__(self, image: Image.Image) -> np.ndarray:
+        """A PIL image -> (H, W, 3) uint8 pixels, resized and cropped for the model."""
+        return np.asarray(self.geometry(image).convert("RGB"), dtype=np.uint8)
+
+
+def clip_preprocess(config: ClipConfig) -> PixelTransform:
+    """The CPU half of the eval transform `Clip(config)` applies (see PixelTransform), without loading weights:
+    what decode tasks run so that the model's actors receive uint8 pixels only."""
     try:
         _, preprocess = _create(config, load_weights=False, device="cpu")
     except (RuntimeError, FileNotFoundError, ValueError) as exc:
         raise ClipWeightsUnavailable(_missing_weights_message(config, exc)) from exc
-    return preprocess
+    return PixelTransform.of(preprocess)
 
 
 class Clip:
@@ -141,7 +166,9 @@ class Clip:
         except (RuntimeError, FileNotFoundError, ValueError) as exc:
             raise ClipWeightsUnavailable(_missing_weights_message(config, exc)) from exc
         self.model = model.eval()
-        self.preprocess = preprocess
+        self.preprocess = PixelTransform.of(preprocess)
+        self._mean = torch.tensor(self.preprocess.mean, device=config.device).view(1, -1, 1, 1)
+        self._std = torch.tensor(self.preprocess.std, device=config.device).view(1, -1, 1, 1)
         self.tokenizer = open_clip.get_tokenizer(config.model_name)
         self.embed_dim = int(self.encode_texts([""]).shape[1])  # the joint space's width, for any tower
 
@@ -150,16 +177,20 @@ class Clip:
         """(N, E) float32 unit vectors."""
         out = []
         for start in range(0, len(images), self.config.batch_size):
-            batch = torch.stack([self.preprocess(im) for im in images[start : start + self.config.batch_size]])
+            batch = np.stack([self.preprocess(im) for im in images[start : start + self.config.batch_size]])
             out.append(self.encode_pixels(batch))
         return torch.cat(out) if out else torch.empty(0, self.embed_dim)
 
     @torch.no_grad()
     def encode_pixels(self, pixels: torch.Tensor | np.ndarray) -> torch.Tensor:
-        """Preprocessed images (N, 3, H, W) float32, as `clip_preprocess` makes them -> (N, E) float32 unit
-        vectors, in one forward pass (the caller batches)."""
+        """Images (N, H, W, 3) uint8, as `clip_preprocess` makes them -> (N, E) float32 unit vectors, in one
+        forward pass (the caller batches). Normalised here, on the model's device: ToTensor then Normalize."""
         batch = torch.as_tensor(pixels)
-        feats = self.model.encode_image(batch.to(self.config.device, self._input_dtype()), normalize=True)
+        if batch.dtype != torch.uint8 or batch.ndim != 4 or batch.shape[-1] != 3:
+            raise ValueError(f"encode_pixels takes (N, H, W, 3) uint8 pixels, got {tuple(batch.shape)} {batch.dtype}")
+        x = batch.to(self.config.device).permute(0, 3, 1, 2).contiguous().float().div_(255)
+        x = x.sub_(self._mean).div_(self._std)
+        feats = self.model.encode_image(x.to(self._input_dtype()), normalize=True)
         return feats.float().cpu()
 
     @torch.no_grad()

@@ -304,9 +304,9 @@ def _rows_to_score(rows: list[dict]) -> list[int]:
 
 def decode_chunks(shard_id: str, rows: list[dict], preprocess: Any, batch_size: int) -> list[dict[str, Any]]:
     """CPU work of one ingest shard's scoring, no model: decode, 8x8 thumbnail and CLIP preprocessing (resize,
-    crop, normalise) of every downloaded image, in chunks of `batch_size` rows (one model forward pass each,
-    the rows that decoded). Each chunk is one record: `pixels` (batch_size, 3, H, W) float32 with the first `n`
-    filled, their shard row numbers `rows` (-1 beyond n), `thumbs`, captions and decode errors (JSON). A shard
+    crop; normalising is the model's) of every downloaded image, in chunks of `batch_size` rows (one model
+    forward pass each, the rows that decoded). Each chunk is one record: `pixels` (batch_size, H, W, 3) uint8
+    with the first `n` filled, their shard row numbers `rows` (-1 beyond n), `thumbs`, captions and decode errors (JSON). A shard
     with nothing to score gives one empty chunk, so that every shard reaches the model stage; chunk 0 carries
     every key of the shard (in order) and every chunk the shard's chunk count."""
     todo = _rows_to_score(rows)
@@ -322,10 +322,10 @@ def decode_chunks(shard_id: str, rows: list[dict], preprocess: Any, batch_size: 
                 continue
             ok.append(i)
             thumbs.append(np.asarray(image.resize((THUMB, THUMB), Image.Resampling.BOX)).reshape(-1))
-            pixels.append(preprocess(image).numpy())
+            pixels.append(preprocess(image))
         n = len(ok)
-        shape = pixels[0].shape if pixels else tuple(preprocess(Image.new("RGB", (THUMB, THUMB))).shape)
-        block = np.zeros((batch_size, *shape), np.float32)
+        shape = pixels[0].shape if pixels else preprocess(Image.new("RGB", (THUMB, THUMB))).shape
+        block = np.zeros((batch_size, *shape), np.uint8)
         if n:
             block[:n] = np.stack(pixels)
         thumb_block = np.zeros((batch_size, THUMB * THUMB * 3), np.uint8)
@@ -347,9 +347,6 @@ class DecodeShards:
         self.ingest_dir, self.preprocess, self.batch_size = ingest_dir, preprocess, batch_size
 
     def __call__(self, batch: dict[str, np.ndarray]) -> Any:
-        import torch
-
-        torch.set_num_threads(1)  # the transform's tensor ops: one core per task, the tasks are the parallelism
         for shard_id in batch["shard_id"]:
             rows = read_parquet(shard_path(self.ingest_dir, str(shard_id)),
                                 columns=["key", "caption", "status", "image"]).to_pylist()
@@ -468,12 +465,12 @@ def scoring_dataset(ingest_dir: StoragePath, config: ScoreConfig, shard_ids: Seq
                         ray_remote_args_fn=functools.partial(dict, num_cpus=decode.num_cpus),
                         fn_kwargs={"ingest_dir": str(ingest_dir), "preprocess": preprocess,
                                    "batch_size": config.clip.batch_size})
-    return ds.map_batches(
+    return pool.wait_for_actors(ds.map_batches(
         scorer_cls, batch_size=1,
         fn_constructor_kwargs={"config": config, "torch_threads": pool.torch_threads,
                                "preprocess_repr": repr(preprocess)},
         compute=ray.data.ActorPoolStrategy(size=pool.size), num_cpus=pool.num_cpus, num_gpus=pool.num_gpus or None,
-    )
+    ))
 
 
 def _score_pending(ingest_dir: StoragePath, step: StepDir, config: ScoreConfig, pending: Sequence[str],
@@ -491,17 +488,18 @@ def _score_pending(ingest_dir: StoragePath, step: StepDir, config: ScoreConfig, 
     ds = scoring_dataset(ingest_dir, config, pending, pool, decode, scorer_cls)
     partial: dict[str, list[dict[str, Any]]] = {}
     written: set[str] = set()
-    for row in ds.iter_rows():
-        shard_id = str(row["shard_id"])
-        got = partial.setdefault(shard_id, [])
-        got.append(row)
-        if len(got) == int(row["n_chunks"]):
-            table = assemble_scores(config, row["emb"].shape[-1], got)
-            atomic_write_parquet(shard_path(step.root, shard_id), table)
-            scored = pc.sum(pc.is_valid(table["clip_score"])).as_py() or 0
-            step.mark_done(shard_id, {"rows": table.num_rows, "scored": scored})
-            written.add(shard_id)
-            del partial[shard_id]
+    with pool.explained_start_timeout("curate.pool"):  # Ray's timeout if the actors cannot start
+        for row in ds.iter_rows():
+            shard_id = str(row["shard_id"])
+            got = partial.setdefault(shard_id, [])
+            got.append(row)
+            if len(got) == int(row["n_chunks"]):
+                table = assemble_scores(config, row["emb"].shape[-1], got)
+                atomic_write_parquet(shard_path(step.root, shard_id), table)
+                scored = pc.sum(pc.is_valid(table["clip_score"])).as_py() or 0
+                step.mark_done(shard_id, {"rows": table.num_rows, "scored": scored})
+                written.add(shard_id)
+                del partial[shard_id]
     missing = set(pending) - written
     if missing:
         raise RuntimeError(f"scoring returned incomplete results for shards {sorted(missing)}")

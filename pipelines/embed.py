@@ -115,7 +115,7 @@ def embed(curate_dir: Where, embed_dir: Where, config: EmbedConfig) -> dict[str,
         map_shards_on_actor_pool(
             ShardEmbedder,
             {"config": config, "curate_dir": str(curate_dir), "step": step, "torch_threads": pool.torch_threads},
-            pending, pool,
+            pending, pool, pool_field="embed.pool",
         )
     step.finish(shard_ids, config=dataclasses.asdict(config), elapsed_s=round(time.monotonic() - started, 2),
                 storage=storage_stats(embed_dir, shard_ids))

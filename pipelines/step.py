@@ -9,13 +9,14 @@ Durability without Ray Workflows (removed after Ray 2.47): a step's state lives 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
 import pathlib
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 from pipelines import storage
@@ -214,11 +215,36 @@ class ActorPoolConfig:
     """GPUs per actor (set with ClipConfig/TextEncoder device "cuda")."""
     torch_threads: int = 1
     """torch intra-op threads per actor; more actors, fewer threads each."""
+    start_timeout_s: int = 1800
+    """Seconds to wait for the pool's actors to be placed and load their model before any input is read: an
+    error then names a cluster without the requested CPUs/GPUs (or weights that do not load) before work starts,
+    and the model's load does not compete with the stages that feed it for cores."""
 
     def __post_init__(self) -> None:
-        if self.size < 1 or self.num_cpus <= 0 or self.num_gpus < 0 or self.torch_threads < 1:
-            raise ValueError(
-                f"ActorPoolConfig needs size >= 1, num_cpus > 0, num_gpus >= 0, torch_threads >= 1: {self}")
+        if self.size < 1 or self.num_cpus <= 0 or self.num_gpus < 0 or self.torch_threads < 1 \
+                or self.start_timeout_s < 1:
+            raise ValueError(f"ActorPoolConfig needs size >= 1, num_cpus > 0, num_gpus >= 0, torch_threads >= 1, "
+                             f"start_timeout_s >= 1: {self}")
+
+    def wait_for_actors(self, dataset: Any) -> Any:
+        """`dataset` set to start this pool's actors first and fail after start_timeout_s (Ray Data's default
+        starts them alongside the stages before them and waits forever for resources that never come)."""
+        dataset.context.wait_for_min_actors_s = self.start_timeout_s
+        return dataset
+
+    @contextlib.contextmanager
+    def explained_start_timeout(self, field: str) -> Iterator[None]:
+        """Ray's timeout for this pool's start, re-raised saying what to change (`field`: the pool's config key)."""
+        import ray
+
+        try:
+            yield
+        except ray.exceptions.GetTimeoutError as exc:
+            raise RuntimeError(
+                f"the actor pool {field} ({self.size} actors x {self.num_cpus:g} CPU, {self.num_gpus:g} GPU each) "
+                f"did not start within {field}.start_timeout_s={self.start_timeout_s}: the cluster lacks those "
+                f"resources (set {field}.num_gpus, num_cpus or size to what its nodes have) or the model takes "
+                f"longer to load (raise {field}.start_timeout_s)") from exc
 
 
 def finished_manifest(step_dir: str | os.PathLike | StoragePath, what: str) -> dict[str, Any]:
@@ -238,7 +264,7 @@ def shard_path(step_dir: str | os.PathLike | StoragePath, shard_id: str, sub: st
 
 
 def map_shards_on_actor_pool(actor_cls: type, constructor_kwargs: dict[str, Any], shard_ids: Sequence[str],
-                             pool: ActorPoolConfig) -> None:
+                             pool: ActorPoolConfig, pool_field: str = "pool") -> None:
     """Run `actor_cls(**constructor_kwargs)(batch)` over shards, one shard per call, on an actor pool.
 
     The shard is the unit of work (each call writes one output shard and its done record), so a
@@ -259,7 +285,8 @@ def map_shards_on_actor_pool(actor_cls: type, constructor_kwargs: dict[str, Any]
         num_cpus=pool.num_cpus,
         num_gpus=pool.num_gpus or None,
     )
-    done = {row["shard_id"] for row in ds.take_all()}
+    with pool.explained_start_timeout(pool_field):
+        done = {row["shard_id"] for row in pool.wait_for_actors(ds).take_all()}
     missing = set(shard_ids) - done
     if missing:
         raise RuntimeError(f"actor pool returned no result for shards {sorted(missing)}")

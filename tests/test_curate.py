@@ -14,6 +14,7 @@ import math
 import pathlib
 import random
 import shutil
+import types
 
 import numpy as np
 import pyarrow as pa
@@ -597,7 +598,7 @@ def test_model_actors_receive_pixels_never_image_bytes(ray_session, clip_dir, tm
     assert calls and all(step.is_done(s) for s in shard_ids)
     for call in calls:
         assert "image" not in call and not any(bytes_ for _, _, bytes_ in call.values())
-        assert call["pixels"][:2] == ["float32", [1, 8, 3, 32, 32]]  # (calls, batch_size, C, H, W): decoded
+        assert call["pixels"][:2] == ["uint8", [1, 8, 32, 32, 3]]  # (calls, batch_size, H, W, C): decoded
     one_process = ShardScorer(config, str(tmp_path / "ingest"), step, torch_threads=1)
     for shard_id in shard_ids:
         expected = one_process.score_shard(shard_path(tmp_path / "ingest", shard_id))
@@ -631,6 +632,8 @@ def test_pool_and_decode_resources_flow_from_the_pipeline_config(monkeypatch):
     calls = []
 
     class Recorder:
+        context = types.SimpleNamespace()
+
         def map_batches(self, fn, **kwargs):
             calls.append((fn, kwargs))
             return self
@@ -647,3 +650,25 @@ def test_pool_and_decode_resources_flow_from_the_pipeline_config(monkeypatch):
     assert actor is curate_mod.ClipScorer
     assert (model["num_cpus"], model["num_gpus"]) == (0.25, 0.5)
     assert isinstance(model["compute"], ray.data.ActorPoolStrategy) and model["compute"].max_size == 3
+    assert Recorder.context.wait_for_min_actors_s == config.curate.pool.start_timeout_s  # actors first, bounded
+
+
+def test_an_actor_pool_the_cluster_cannot_place_fails_before_reading_input(ray_session, clip_dir, tmp_path):
+    """Actors asking for GPUs this Ray lacks: scoring fails after the pool's start timeout, before any shard is
+    decoded or written, instead of waiting for ever."""
+    import ray
+
+    from pipelines.curate import DecodeConfig
+    from pipelines.step import ActorPoolConfig
+
+    paths, _ = demo_corpus(tmp_path / "corpus", 20, seed=5)
+    write_ingest_like(paths, tmp_path / "ingest", rows_per_shard=20)
+    config = ScoreConfig(clip=ClipConfig.tiny(clip_dir, batch_size=8), unsafe_concepts=STAND_IN_UNSAFE,
+                         safe_concepts=STAND_IN_SAFE)
+    with pytest.raises(RuntimeError, match=r"curate\.pool .* did not start within curate\.pool\.start_timeout_s=2"
+                       r".*lacks those resources") as failed:
+        score(tmp_path / "ingest", tmp_path / "scores", config, ActorPoolConfig(num_gpus=1, start_timeout_s=2),
+              DecodeConfig())
+    assert isinstance(failed.value.__cause__, ray.exceptions.GetTimeoutError)
+    assert not list((tmp_path / "scores").glob("shards/*.parquet"))
+    assert not (tmp_path / "scores" / "manifest.json").exists()
