@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import pathlib
 import re
 import time
@@ -75,6 +76,10 @@ class SizeFilter:
     """Reject images whose shorter side (before ingest resizing) is below min_side."""
     min_side: int = 64
     """Pixels."""
+
+    def __post_init__(self) -> None:
+        if self.min_side < 0:
+            raise ValueError(f"SizeFilter.min_side must be >= 0 pixels, got {self.min_side}")
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -187,6 +192,8 @@ class ClipScoreFilter:
             raise ValueError(f"ClipScoreFilter.mode must be absolute, percentile or off, got {self.mode!r}")
         if not 0.0 < self.keep_fraction <= 1.0:
             raise ValueError(f"ClipScoreFilter.keep_fraction must be in (0, 1], got {self.keep_fraction}")
+        if not -1.0 <= self.min_score <= 1.0:
+            raise ValueError(f"ClipScoreFilter.min_score is a cosine, in [-1, 1]; got {self.min_score}")
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -195,6 +202,10 @@ class UnsafeFilter:
     """Reject images whose best unsafe-concept similarity beats the best safe one by > margin."""
     margin: float = 0.0
     """Cosine margin; larger flags less."""
+
+    def __post_init__(self) -> None:
+        if not -2.0 <= self.margin <= 2.0:
+            raise ValueError(f"UnsafeFilter.margin is a difference of two cosines, in [-2, 2]; got {self.margin}")
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -211,6 +222,8 @@ class UnsafeClassifierFilter:
     def __post_init__(self) -> None:
         if self.enabled and not self.head:
             raise ValueError("UnsafeClassifierFilter is enabled but names no head file (head = \"path.safetensors\")")
+        if not math.isfinite(self.max_score):
+            raise ValueError(f"UnsafeClassifierFilter.max_score must be a finite number, got {self.max_score}")
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -227,6 +240,8 @@ class AestheticFilter:
     def __post_init__(self) -> None:
         if self.enabled and not self.head:
             raise ValueError("AestheticFilter is enabled but names no head file (head = \"path.safetensors\")")
+        if not math.isfinite(self.min_score):
+            raise ValueError(f"AestheticFilter.min_score must be a finite number, got {self.min_score}")
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -567,6 +582,9 @@ def select(ingest_dir: Where, score_dir: Where, curate_dir: Where,
     ingest = finished_manifest(ingest_dir, "ingest")
     scores = finished_manifest(score_dir, "curate scoring")
     shard_ids = shard_ids_of(ingest)
+    if not shard_ids:
+        raise ValueError(f"nothing to select: the ingest step at {ingest_dir} has no shards (an empty URL list?)")
+    st.check_score_shard(shard_path(score_dir, shard_ids[0]), shard_ids[0])  # a wrong score dir, before any work
     heads = st._load_heads(config)  # a missing head file fails here, before any work
     if heads:
         dim = read_parquet_schema(shard_path(score_dir, shard_ids[0])).field("image_embedding").type.list_size
