@@ -1,6 +1,6 @@
 """Benchmark of stage training on this machine: throughput, data wait, and per-rank memory per ZeRO stage.
 
-    .venv/bin/python bench/bench_train.py [--steps 30] [--workers 2] [--out /tmp/bench_train]
+    .venv/bin/python bench/bench_train.py [--steps 30] [--workers 2] [--out /tmp/bench_train] [--stages 0 1 2 3]
 
 1. Throughput of the demo base recipe (imagen_core.recipes.stage_demo_base) trained by `train_stage`
    (Ray Train + DeepSpeed + Ray Data decoding), measured over the steps after the first few, against
@@ -156,6 +156,8 @@ def main() -> None:
     parser.add_argument("--micro-batch", type=int, default=16)  # the demo's
     parser.add_argument("--rows", type=int, default=512)
     parser.add_argument("--out", default="/tmp/bench_train")
+    parser.add_argument("--stages", type=int, nargs="+", default=[0, 1, 2, 3], choices=[0, 1, 2, 3],
+                        help="ZeRO stages to run (the memory table needs 0)")
     args = parser.parse_args()
 
     from pipelines.ray_env import RayConfig, init_ray
@@ -169,7 +171,7 @@ def main() -> None:
 
     # 1. throughput per ZeRO stage vs plain torch; each run's memory.json gives part 2.
     rates, memory = {}, {}
-    for zero in (0, 1, 2, 3):
+    for zero in args.stages:
         run_out = out / f"zero{zero}"
         config = bench_config(out / "data", run_out, zero, args.steps, args.workers, args.micro_batch)
         train_stage(config)
@@ -192,7 +194,7 @@ def main() -> None:
     print(f"per-rank memory, {args.workers} workers, demo base ({count_parameters(DiffusionStage(config.stage)):,} "
           "parameters), ratio vs ZeRO-0 (plain data parallel) in brackets:")
     fields = ("optimizer_state_numel", "param_numel", "master_numel", "rss_bytes")
-    for zero, ranks in memory.items():
+    for zero, ranks in memory.items() if 0 in memory else ():
         for rank, stats in enumerate(ranks):
             base = memory[0][rank]
             cells = []
