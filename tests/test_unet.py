@@ -36,7 +36,11 @@ def _inputs(cfg: UNetConfig, batch: int = 2, tokens: int = 6, seed: int = 1) -> 
     return inputs
 
 
-TINY_CONFIGS = {"base": recipes.unet_tiny, "sr": recipes.unet_tiny_sr}
+TINY_CONFIGS = {
+    "base": recipes.unet_tiny, "sr": recipes.unet_tiny_sr,
+    "sr_pixel_shuffle": lambda: dataclasses.replace(recipes.unet_tiny_sr(), resample="pixel_shuffle"),
+    "base_pixel_shuffle": lambda: dataclasses.replace(recipes.unet_tiny(), resample="pixel_shuffle"),
+}
 
 
 def test_untrained_net_predicts_zero() -> None:
@@ -188,3 +192,27 @@ def test_small_recipes_sizes() -> None:
     assert 100_000 <= counts["unet_tiny"] <= 500_000
     assert 100_000 <= counts["unet_tiny_sr"] <= 500_000
     assert counts["unet_demo_base"] < 10_000_000 and counts["unet_demo_sr"] < 10_000_000
+
+
+def test_pixel_shuffle_resampling_starts_as_nearest_and_costs_less() -> None:
+    """resample="pixel_shuffle": ICNR-initialised, the upsampler is a 1x1 convolution (and SiLU) followed by a
+    nearest x2 (no checkerboard at the start); the downsampler sees every pixel of each 2x2 patch; both hold
+    fewer parameters than the 3x3 convolutions they replace."""
+    import torch.nn.functional as F
+
+    from imagen_core.unet import Downsample, Upsample
+
+    x = torch.randn(2, 8, 5, 7)
+    up = Upsample(8, "pixel_shuffle")
+    conv = F.conv2d(x, up.conv.weight[::4], up.conv.bias[::4])
+    torch.testing.assert_close(up(x), F.interpolate(F.silu(conv), scale_factor=2.0, mode="nearest"))
+    down = Downsample(8, "pixel_shuffle")
+    y = torch.randn(2, 8, 10, 14)
+    assert down(y).shape == (2, 8, 5, 7)
+    moved = y.clone()
+    moved[..., 1::2, 1::2] += 1.0  # only the bottom-right pixel of each patch changes
+    assert not torch.allclose(down(moved), down(y))
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(up) < count(Upsample(8)) and count(down) < count(Downsample(8))
+    with pytest.raises(ValueError, match="resample must be 'conv' or 'pixel_shuffle'"):
+        dataclasses.replace(recipes.unet_tiny(), resample="bilinear")
