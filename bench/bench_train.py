@@ -187,14 +187,16 @@ def main() -> None:
         print(f"  ZeRO-{zero}          {images_per_s:8.1f} images/s   data-wait fraction {data_wait:.3f}   "
               f"ratio {ratio:.2f} x baseline ({'met' if ratio >= GOAL_RATIO else 'NOT met'})")
 
-    # 2. per-rank memory per ZeRO stage vs ZeRO-0.
+    # 2. per-rank memory per ZeRO stage vs ZeRO-0 (its ratios need a ZeRO-0 run).
+    if 0 not in memory:
+        return
     from imagen_core.recipes import count_parameters
     from imagen_core.stage import DiffusionStage
 
     print(f"per-rank memory, {args.workers} workers, demo base ({count_parameters(DiffusionStage(config.stage)):,} "
           "parameters), ratio vs ZeRO-0 (plain data parallel) in brackets:")
     fields = ("optimizer_state_numel", "param_numel", "master_numel", "rss_bytes")
-    for zero, ranks in memory.items() if 0 in memory else ():
+    for zero, ranks in memory.items():
         for rank, stats in enumerate(ranks):
             base = memory[0][rank]
             cells = []

@@ -36,7 +36,7 @@ import pyarrow.compute as pc
 from PIL import Image
 
 from pipelines import storage
-from pipelines.ann_index import IvfConfig, load_npy, read_parquet, read_parquet_schema, remove_tree
+from pipelines.ann_index import IvfConfig, load_npy, read_parquet, remove_tree
 from pipelines.clip_model import Clip, ClipConfig, check_clip_source, clip_preprocess, decode_image
 from pipelines.select_stages import (DECISION_COLUMNS, FILTER_ORDER, INGEST_META_COLUMNS, KEEP, KEPT_COLUMNS,  # noqa: F401
                                      REJECT, SCORE_HIST_BINS, THUMB, PercentileCut, _Select, as_namespace,
@@ -584,10 +584,11 @@ def select(ingest_dir: Where, score_dir: Where, curate_dir: Where,
     shard_ids = shard_ids_of(ingest)
     if not shard_ids:
         raise ValueError(f"nothing to select: the ingest step at {ingest_dir} has no shards (an empty URL list?)")
-    st.check_score_shard(shard_path(score_dir, shard_ids[0]), shard_ids[0])  # a wrong score dir, before any work
+    # a wrong score dir fails here, before any work; every shard's embeddings are as wide as the first's
+    schema = st.check_score_shard(shard_path(score_dir, shard_ids[0]), shard_ids[0])
+    dim = schema.field("image_embedding").type.list_size
     heads = st._load_heads(config)  # a missing head file fails here, before any work
     if heads:
-        dim = read_parquet_schema(shard_path(score_dir, shard_ids[0])).field("image_embedding").type.list_size
         for head in heads.values():
             head.check_clip(scores["clip"], dim)
     head_keys = [file_digest(h.path) for h in heads.values()]
@@ -624,7 +625,6 @@ def select(ingest_dir: Where, score_dir: Where, curate_dir: Where,
         n_lists = ivf.n_lists(alive)
         samples = [str(shard_path(job.stage("filter"), s, "sample")) for s in shard_ids
                    if filter_step.shard_stats(s)["sampled"]]
-        dim = read_parquet_schema(job.scores(shard_ids[0])).field("image_embedding").type.list_size
         if not (job.stage("quantizer") / "centroids.npy").exists():
             from pipelines.ann_index import train_from_samples
 

@@ -256,21 +256,26 @@ SCORE_COLUMNS = ("key", "clip_score", "image_embedding", "thumbnail", "unsafe_ma
 """What selection reads from a score shard (curate scoring's schema, `pipelines.curate.score_schema`)."""
 
 
-def check_score_shard(path: str | StoragePath, shard_id: str) -> None:
-    """A score shard lacking a column selection reads fails here with what to do, not as an Arrow error in a
-    task (the driver checks the first shard before any work, each task its own)."""
+def check_score_shard(path: str | StoragePath, shard_id: str) -> pa.Schema:
+    """The shard's schema; a score shard lacking a column selection reads fails here with what to do, not as an
+    Arrow error (the driver checks the first shard before any work, a task its own when reading it fails)."""
     from pipelines.ann_index import read_parquet_schema
 
-    missing = [c for c in SCORE_COLUMNS if c not in read_parquet_schema(path).names]
+    schema = read_parquet_schema(path)
+    missing = [c for c in SCORE_COLUMNS if c not in schema.names]
     if missing:
         raise ValueError(f"score shard {shard_id} ({path}) lacks the column(s) {missing}: it was not written by "
                          "curate scoring (or by an older version of it); rerun scoring into a fresh directory")
+    return schema
 
 
 def _read_joined(job: _Select, shard_id: str, score_columns: Sequence[str]) -> pa.Table:
     meta = _read(job.ingest(shard_id), columns=list(INGEST_META_COLUMNS))
-    check_score_shard(job.scores(shard_id), shard_id)
-    scores = _read(job.scores(shard_id), columns=["key", *score_columns])
+    try:
+        scores = _read(job.scores(shard_id), columns=["key", *score_columns])
+    except pa.ArrowInvalid:
+        check_score_shard(job.scores(shard_id), shard_id)  # names a missing column
+        raise
     if meta.num_rows != scores.num_rows or not pc.all(pc.equal(meta["key"], scores["key"])).as_py() in (True, None):
         raise RuntimeError(f"score shard {shard_id} does not match its ingest shard: rerun scoring into a fresh "
                            "directory")
