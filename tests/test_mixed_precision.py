@@ -180,8 +180,9 @@ def test_precision_settings(tmp_path) -> None:
 # -- DeepSpeed bf16 on Ray Train ---------------------------------------------------------------------------
 
 STEPS, STOP = 6, 3
-"""Each ZeRO stage: a fit stopped (and checkpointed) at step 3, then a resumed fit to step 6. A fit is mostly
-fixed cost (Ray Train workers, DeepSpeed initialisation, Ray Data start-up), so the steps are few."""
+"""ZeRO-2 and ZeRO-3: a fit stopped (and checkpointed) at step 3, then a resumed fit to step 6. ZeRO-1: one fit
+to step 6; its optimiser and checkpoint code are ZeRO-2's (DeepSpeed's stage_1_and_2), whose resume is shown. A
+fit is mostly fixed cost (Ray Train workers, DeepSpeed initialisation, Ray Data start-up), so the steps are few."""
 
 
 @pytest.fixture(scope="module")
@@ -207,7 +208,7 @@ def _bf16_config(data_dir: pathlib.Path, out: pathlib.Path, zero: int):
 
 
 @pytest.mark.slow
-def test_deepspeed_bf16_trains_and_resumes_under_zero_1_2_3(ray_session, bf16_data, tmp_path) -> None:
+def test_deepspeed_bf16_trains_under_zero_1_2_3_and_resumes_under_2_3(ray_session, bf16_data, tmp_path) -> None:
     from imagen_core.checkpoint import MODEL_FILE, TRAIN_FILE, load_checkpoint
     from pipelines.train.ledger import read_ledger, status_path
     from test_train_runs import mean_step_losses, train
@@ -216,9 +217,10 @@ def test_deepspeed_bf16_trains_and_resumes_under_zero_1_2_3(ray_session, bf16_da
     for zero in (1, 2, 3):
         start = time.monotonic()
         config = _bf16_config(bf16_data, tmp_path / f"zero{zero}", zero)
-        stopped = train(config)
+        resumes = zero != 1
+        stopped = train(config if resumes else dataclasses.replace(config, stop_at_step=None))
         out = pathlib.Path(config.output_dir)
-        resumed = train(dataclasses.replace(config, stop_at_step=None, resume=True))
+        resumed = train(dataclasses.replace(config, stop_at_step=None, resume=True)) if resumes else stopped
         seconds = time.monotonic() - start
 
         ds = json.loads((out / "deepspeed.json").read_text())
@@ -227,22 +229,24 @@ def test_deepspeed_bf16_trains_and_resumes_under_zero_1_2_3(ray_session, bf16_da
         shards = sorted(p.name for p in pathlib.Path(resumed.checkpoint_dir).rglob("*optim_states.pt"))
         assert len(shards) == 2 and all(name.startswith("bf16_zero_pp_rank_") for name in shards), shards
 
-        assert stopped.metrics["step"] == STOP and resumed.metrics["step"] == STEPS
-        assert json.loads(status_path(out, 0).read_text())["restored_step"] == STOP
+        assert resumed.metrics["step"] == STEPS
         ledger = read_ledger(out)
         assert sorted(step for rank, step in ledger if rank == 0) == list(range(1, STEPS + 1))
         losses = mean_step_losses(ledger, STEPS, 2)
         assert np.isfinite(losses).all() and np.mean(losses[STOP:]) < np.mean(losses[:STOP]), losses
-        # Validation at fixed t and noise (deterministic), on the training weights: lower after the resumed
-        # steps than at the stop, so the resumed fit went on from the checkpoint (a fresh start would be back up).
-        val = stopped.metrics["val_loss_train_weights"], resumed.metrics["val_loss_train_weights"]
-        assert np.isfinite(val).all() and val[1] < val[0], val
+        if resumes:
+            assert stopped.metrics["step"] == STOP
+            assert json.loads(status_path(out, 0).read_text())["restored_step"] == STOP
+            # Validation at fixed t and noise (deterministic), on the training weights: lower after the resumed
+            # steps than at the stop, so the resumed fit went on from the checkpoint (a fresh start would be back up).
+            val = stopped.metrics["val_loss_train_weights"], resumed.metrics["val_loss_train_weights"]
+            assert np.isfinite(val).all() and val[1] < val[0], val
         # The export holds the gathered fp32 masters and their EMA, not bf16-rounded weights.
         final, _ = load_checkpoint(out / "export", filename=TRAIN_FILE)
         ema, _ = load_checkpoint(out / "export", filename=MODEL_FILE)
         assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in [*final.values(), *ema.values()])
         assert any((v != v.bfloat16().float()).any() for v in final.values())  # finer than bf16: the masters
+        how = f"stop at {STOP} + resume to {STEPS}" if resumes else f"one fit to {STEPS}"
         report.append(f"ZeRO-{zero} bf16: step losses {[round(x, 4) for x in losses]} (first {losses[0]:.4f}, last "
-                      f"{losses[-1]:.4f}); validation loss step {STOP} {val[0]:.4f} -> step {STEPS} {val[1]:.4f}; "
-                      f"stop at {STOP} + resume to {STEPS}: {seconds:.0f} s")
+                      f"{losses[-1]:.4f}); {how}: {seconds:.0f} s")
     print("\n".join(report))

@@ -1,7 +1,7 @@
 """`imagen run` end to end at the smallest size that shows each behaviour (the shipped demo config, scaled down
 by --set only): every step runs and is recorded; kill -9 of the driver during ingest, curate, embed, training
 and registration, each followed by a rerun, ends equal to an uninterrupted run with nothing finished redone and
-no duplicate model versions; a changed curation threshold reruns curate and everything after it, not ingest;
+no duplicate model versions; a changed SR-stage setting reruns that stage and everything after it, nothing before;
 `imagen status` reads a running, a failed and a finished run."""
 from __future__ import annotations
 
@@ -187,17 +187,20 @@ def test_kill_9_at_every_step_then_rerun_equals_an_uninterrupted_run(tmp_path):
         assert versions == ["1"] and aliases.get("champion") == "1", (model, versions, aliases)  # no duplicates
         assert (versions, aliases) == _versions(clean, model)
 
-    # A changed curation threshold reruns curate and everything after it, not ingest. The new threshold is
-    # just above the lowest kept row's score (read from this run, as the fitted CLIP's scores vary by machine):
-    # at least that row goes, so the training data and every stage's weights change.
-    kept = [r["clip_score"] for r in _table(clean / "curate" / "decisions", ["key", "decision", "clip_score"])
-            if r["decision"] == "keep"]
-    changed = run_to_end(clean, tmp_path / "changed.log",
-                         **{"curate.select.clip_score.min_score": round(min(kept) + 1e-4, 6)})
-    assert "ingest already done" in changed and "curate: its config or inputs changed" in changed
-    for name in ("curate", "report", "embed", "train_base", "train_sr1", "register", "evaluate", "promote"):
+    # A changed setting of the SR stage reruns that stage and every step after it (registration too: its
+    # weights differ), nothing before it. Any step's change works the same way (its key changes, the steps
+    # downstream see another input key); the SR stage is the cheapest to redo. Selection by a changed threshold
+    # without rescoring is tests/test_curate.py's.
+    changed = run_to_end(clean, tmp_path / "changed.log", **{"train.sr1.optim.lr": 3e-4})
+    for name in ("ingest", "curate", "report", "embed", "train_base", "heldout"):
+        assert f"{name} already done" in changed, (name, changed)
+    assert "train_sr1: its config or inputs changed" in changed, changed
+    for name in ("train_sr1", "register", "evaluate", "promote"):
         assert f"{name} done in" in changed, (name, changed)
-    assert any((clean / "superseded").glob("curate-*")), "the previous curation is kept, not deleted"
+    assert any((clean / "superseded").glob("train_sr1-*")), "the previous SR stage is kept, not deleted"
+    versions, _ = _versions(clean, "imagen-demo-sr1")
+    assert versions == ["1", "2"], versions  # other weights: a new version; the base stage's weights are the same
+    assert _versions(clean, "imagen-demo-base")[0] == ["1"]
 
     status = imagen_status(clean)
     assert status.startswith("run: done") and "train_base     done     6/6 steps" in status, status
